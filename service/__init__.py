@@ -1,0 +1,1 @@
+"""The online service (next milestone). Never imports torch, models or training."""
