@@ -1,0 +1,294 @@
+"""MQSA-TED: Multi-Query Self-Attention (Zhu et al., WSDM 2024).
+
+One file, top to bottom: the config, the window mean that builds the long
+queries, one attention block, one branch (a stack of blocks), the model.
+The spec this implements is ``shared/spec/mqsa-ted.md`` sections 1-4.
+
+Shapes: B batch, T sequence slots (left-padded, most recent item at the last
+slot), D hidden size, H heads, N real items. Item indices are 0..N-1; the
+padding index is N, the last row of the item table, fixed at zero.
+
+``forward`` and ``encode`` take tensors only; padding arrays and numpy belong
+to the data code in ``training/``. The losses (recommendation and TED) live
+in ``training/losses.py``: this file is the network alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class MQSAConfig:
+    """Everything needed to rebuild the network; saved inside every checkpoint.
+
+    Attributes:
+        num_items: N, the number of real items. The padding index is N.
+        max_len: T, the number of sequence slots (and position embeddings).
+        hidden_size: D, the embedding size.
+        num_blocks: attention blocks per branch.
+        num_heads: attention heads per block (must divide hidden_size).
+        dropout: dropout rate for embeddings, attention weights and FFN.
+        windows: L for each long-query branch; the paper uses one branch (3,).
+            Several values give several long branches whose outputs are averaged.
+        alpha: weight of the short branch in the blend (1 = SASRec).
+        learn_alpha: learn alpha (as a sigmoid of a scalar) instead of fixing it.
+        window_decay: weight of a window item k steps back is decay**k; 1.0 is
+            the paper's plain mean over the real items of the window.
+    """
+
+    num_items: int
+    max_len: int = 50
+    hidden_size: int = 64
+    num_blocks: int = 1
+    num_heads: int = 1
+    dropout: float = 0.5
+    windows: tuple[int, ...] = field(default=(3,))
+    alpha: float = 0.5
+    learn_alpha: bool = False
+    window_decay: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.windows = tuple(int(w) for w in self.windows)
+        if self.num_items < 1:
+            raise ValueError(f"num_items must be >= 1, got {self.num_items}")
+        if self.max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {self.max_len}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if not self.windows or any(w < 1 for w in self.windows):
+            raise ValueError(f"windows must be a non-empty tuple of L >= 1, got {self.windows}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.learn_alpha and not 0.0 < self.alpha < 1.0:
+            raise ValueError("a learned alpha must start strictly between 0 and 1")
+        if not 0.0 < self.window_decay <= 1.0:
+            raise ValueError(f"window_decay must be in (0, 1], got {self.window_decay}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def padding_idx(self) -> int:
+        return self.num_items
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["windows"] = list(self.windows)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MQSAConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown MQSAConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+def window_mean(h: torch.Tensor, mask: torch.Tensor, window: int, decay: float = 1.0) -> torch.Tensor:
+    """Mean of ``h`` over the last ``window`` slots up to each position, real items only.
+
+    A static loop over the window offsets (no data-dependent control flow), so it
+    exports to ONNX. With ``decay`` < 1 the item k steps back weighs ``decay**k``.
+
+    Args:
+        h: (B, T, D) hidden states, zero at padding.
+        mask: (B, T, 1) 1.0 at real items, 0.0 at padding.
+        window: L >= 1.
+        decay: weight ratio between consecutive window offsets.
+
+    Returns:
+        (B, T, D) windowed mean; zero where the window holds no real item.
+    """
+    total = h * mask  # (B, T, D)
+    count = mask  # (B, T, 1)
+    for k in range(1, window):
+        w = decay**k
+        shifted_h = F.pad(h * mask, (0, 0, k, 0))[:, :-k]  # (B, T, D): slot t holds t-k
+        shifted_m = F.pad(mask, (0, 0, k, 0))[:, :-k]  # (B, T, 1)
+        total = total + w * shifted_h
+        count = count + w * shifted_m
+    return total / count.clamp_min(1e-12)
+
+
+class Dropout(nn.Module):
+    """Inverted dropout that draws one random byte per element on CPU.
+
+    On the 2-core CPUs we train on, torch's Bernoulli sampler costs more than the
+    attention itself; bytes are about 4x cheaper. The rate is rounded to a
+    multiple of 1/256 (0.5 stays exact). On other devices it is ``F.dropout``.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.threshold = round(p * 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.threshold == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        draw = torch.randint(0, 256, x.shape, dtype=torch.uint8, device=x.device)  # same shape as x
+        keep = (draw >= self.threshold).to(x.dtype)
+        return x * keep * (256.0 / (256 - self.threshold))
+
+
+class Block(nn.Module):
+    """One self-attention block: attention from ``q_in`` over ``h``, then a point-wise FFN."""
+
+    def __init__(self, cfg: MQSAConfig) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.query_norm = nn.LayerNorm(d, eps=1e-8)
+        self.query = nn.Linear(d, d)
+        self.key = nn.Linear(d, d)
+        self.value = nn.Linear(d, d)
+        self.attn_dropout = Dropout(cfg.dropout)
+        self.attn_norm = nn.LayerNorm(d, eps=1e-8)
+        self.ffn = nn.Sequential(
+            nn.Linear(d, d),
+            nn.ReLU(),
+            Dropout(cfg.dropout),
+            nn.Linear(d, d),
+            Dropout(cfg.dropout),
+        )
+
+    def forward(
+        self, h: torch.Tensor, q_in: torch.Tensor, mask: torch.Tensor, allowed: torch.Tensor
+    ) -> torch.Tensor:
+        """
+        Args:
+            h: (B, T, D) hidden states (keys and values come from here).
+            q_in: (B, T, D) query input: ``h`` (short branch) or its window mean (long).
+            mask: (B, T, 1) 1.0 at real items.
+            allowed: (B, 1, T, T) bool, True where query t may attend to key s
+                (s <= t and s is a real item).
+
+        Returns:
+            (B, T, D) new hidden states, zero at padding.
+        """
+        B, T, D = h.shape
+        H = self.num_heads
+        qn = self.query_norm(q_in)  # (B, T, D)
+        q = self.query(qn).view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, D/H)
+        k = self.key(h).view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, D/H)
+        v = self.value(h).view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, D/H)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(D // H)  # (B, H, T, T)
+        scores = scores.masked_fill(~allowed, -1e9)
+        weights = torch.softmax(scores, dim=-1) * mask.unsqueeze(1)  # padded query rows -> 0
+        weights = self.attn_dropout(weights)
+        attn = (weights @ v).transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        o = self.attn_norm(attn + qn)  # residual from the normalised query
+        o = o + self.ffn(o)
+        return o * mask
+
+
+class Branch(nn.Module):
+    """A stack of blocks; short-query when ``window`` is None, else long-query with that L."""
+
+    def __init__(self, cfg: MQSAConfig, window: int | None) -> None:
+        super().__init__()
+        self.window = window
+        self.decay = cfg.window_decay
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=1e-8)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) embedded input -> (B, T, D) output per position."""
+        for block in self.blocks:
+            q_in = h if self.window is None else window_mean(h, mask, self.window, self.decay)
+            h = block(h, q_in, mask, allowed)
+        return self.final_norm(h)
+
+
+class MQSA(nn.Module):
+    """The MQSA network: shared embeddings, a short-query branch, long-query branch(es)."""
+
+    def __init__(self, cfg: MQSAConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        d = cfg.hidden_size
+        self.item_emb = nn.Embedding(cfg.num_items + 1, d, padding_idx=cfg.padding_idx)
+        self.pos_emb = nn.Embedding(cfg.max_len, d)
+        self.emb_dropout = Dropout(cfg.dropout)
+        self.short = Branch(cfg, window=None)
+        self.longs = nn.ModuleList(Branch(cfg, window=w) for w in cfg.windows)
+        if cfg.learn_alpha:
+            self.alpha_logit = nn.Parameter(torch.tensor(math.log(cfg.alpha / (1 - cfg.alpha))))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.normal_(self.item_emb.weight, std=0.01)
+        nn.init.normal_(self.pos_emb.weight, std=0.01)
+        with torch.no_grad():
+            self.item_emb.weight[self.config.padding_idx].zero_()
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """The blend weight of the short branch, a scalar tensor."""
+        if self.config.learn_alpha:
+            return torch.sigmoid(self.alpha_logit)
+        return torch.tensor(self.config.alpha)
+
+    def item_embeddings(self) -> torch.Tensor:
+        """(N, D) the real items' embeddings (the padding row left out)."""
+        return self.item_emb.weight[: self.config.num_items]
+
+    def forward(self, item_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run both branches over left-padded sequences.
+
+        Args:
+            item_idx: (B, T') int64 with T' <= max_len, left-padded with the
+                padding index. Slots are right-aligned to the position table, so
+                trimming common left padding changes no output.
+
+        Returns:
+            short, long: (B, T', D) each; ``long`` averages the long branches.
+        """
+        T = item_idx.shape[1]
+        cfg = self.config
+        mask = (item_idx != cfg.padding_idx).unsqueeze(-1).to(self.item_emb.weight.dtype)  # (B, T, 1)
+        positions = torch.arange(cfg.max_len - T, cfg.max_len, device=item_idx.device)  # (T,)
+        h = self.item_emb(item_idx) * math.sqrt(cfg.hidden_size) + self.pos_emb(positions)  # (B, T, D)
+        h = self.emb_dropout(h) * mask
+        causal = torch.ones(T, T, dtype=torch.bool, device=item_idx.device).tril()  # (T, T)
+        allowed = causal & (mask.squeeze(-1) > 0).unsqueeze(1)  # (B, T, T): key s real and s <= t
+        allowed = allowed.unsqueeze(1)  # (B, 1, T, T)
+        short = self.short(h, mask, allowed)  # (B, T, D)
+        long = torch.stack([b(h, mask, allowed) for b in self.longs]).mean(0)  # (B, T, D)
+        return short, long
+
+    def encode(self, item_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last slot's vectors, the serving path: (B, T') -> short (B, D), long (B, D)."""
+        short, long = self(item_idx)
+        return short[:, -1], long[:, -1]
+
+    def blend(self, short: torch.Tensor, long: torch.Tensor) -> torch.Tensor:
+        """z = alpha * short + (1 - alpha) * long, any matching shapes (..., D)."""
+        alpha = self.alpha.to(short.dtype)
+        return alpha * short + (1 - alpha) * long
+
+    @classmethod
+    def from_checkpoint(cls, path: str, map_location: str = "cpu") -> tuple[MQSA, dict[str, Any]]:
+        """Rebuild a model from a checkpoint written by the trainer.
+
+        Returns:
+            The model in eval mode, and the checkpoint dict (metrics, training config).
+        """
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        if not isinstance(ckpt, dict) or "model_config" not in ckpt or "state_dict" not in ckpt:
+            raise ValueError(f"{path}: not an MQSA checkpoint (no model_config/state_dict)")
+        model = cls(MQSAConfig.from_dict(ckpt["model_config"]))
+        model.load_state_dict(ckpt["state_dict"])
+        model.eval()
+        return model, ckpt
