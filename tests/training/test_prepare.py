@@ -1,0 +1,197 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from training.errors import DataError
+from training.prepare import kcore, prepare, read_log
+from training.sequences import read_sequences
+from training.vocabulary import Vocabulary
+
+# With k=3: D has 2 rows and goes; then item w (C, D, E) has 2 and goes; then E (x, y) has 2 and goes.
+CASCADE = {"A": "xyz", "B": "xyz", "C": "xyzw", "D": "wz", "E": "xyw"}
+
+
+def cascade_log() -> pd.DataFrame:
+    rows = [(u, i) for u, items in CASCADE.items() for i in items]
+    return pd.DataFrame(rows, columns=["user_id", "item_id"]).assign(timestamp=range(len(rows)))
+
+
+def write_csv(path, text: str):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def outputs(out_dir) -> tuple[list[list[str]], list[str]]:
+    """Each user's item ids in order, and the user ids, read back from prepare's files."""
+    vocab = Vocabulary.load(out_dir / "items.json")
+    users = json.loads((out_dir / "users.json").read_text(encoding="utf-8"))
+    assert users["format"] == 1
+    data = read_sequences(out_dir / "sequences.txt", num_items=len(vocab))
+    assert data.user_ids == [str(u) for u in range(data.num_users)]
+    return [vocab.to_ids(s) for s in data.sequences], users["user_ids"]
+
+
+def test_kcore_iterates_to_fixed_point() -> None:
+    kept = kcore(cascade_log(), k=3)
+    assert sorted(kept["user_id"].unique()) == ["A", "B", "C"]
+    assert sorted(kept["item_id"].unique()) == ["x", "y", "z"]
+    assert len(kept) == 9
+    assert kept.index.is_monotonic_increasing  # file order kept
+
+
+def test_kcore_k1_keeps_everything() -> None:
+    log = cascade_log()
+    assert len(kcore(log, k=1)) == len(log)
+
+
+def test_prepare_orders_by_time_stably(tmp_path) -> None:
+    rows = [
+        ("alice smith", "b", 20),
+        ("bob", "a", 5),
+        ("alice smith", "a", 10),
+        ("bob", "c", 5),  # tie with the row above: file order kept
+        ("alice smith", "c", 30),
+        ("bob", "b", 1),
+    ]
+    log = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+    log.to_csv(tmp_path / "log.csv", index=False)
+    summary = prepare(tmp_path / "log.csv", tmp_path / "out", k=1)
+    sequences, users = outputs(tmp_path / "out")
+    assert users == ["alice smith", "bob"]
+    assert sequences == [["a", "b", "c"], ["b", "a", "c"]]
+    # item indices follow first appearance, user by user
+    assert Vocabulary.load(tmp_path / "out" / "items.json").item_ids == ["a", "b", "c"]
+    assert summary["actions_after"] == 6
+
+
+def test_prepare_shuffled_rows(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    rows = [(f"u{u}", f"i{(u + t) % 7}", 100 * u + t) for u in range(6) for t in range(5)]
+    log = pd.DataFrame(rows, columns=["user", "item", "time"]).sample(frac=1.0, random_state=rng)
+    log.to_csv(tmp_path / "log.csv", index=False)
+    prepare(tmp_path / "log.csv", tmp_path / "out", k=1, user_col="user", item_col="item", time_col="time")
+    sequences, users = outputs(tmp_path / "out")
+    expected = {f"u{u}": [f"i{(u + t) % 7}" for t in range(5)] for u in range(6)}
+    assert dict(zip(users, sequences, strict=True)) == expected
+
+
+@pytest.mark.parametrize("name", ["log.csv", "log.tsv", "log.csv.gz", "log.parquet", "log.pq"])
+def test_prepare_formats_and_cascade(tmp_path, name: str) -> None:
+    log = cascade_log()
+    path = tmp_path / name
+    if "parquet" in name or name.endswith(".pq"):
+        log.to_parquet(path)
+    else:
+        log.to_csv(path, index=False, sep="\t" if ".tsv" in name else ",")
+    summary = prepare(path, tmp_path / "out", k=3)
+    sequences, users = outputs(tmp_path / "out")
+    assert users == ["A", "B", "C"]
+    assert sequences == [list("xyz")] * 3
+    assert summary == {
+        "log": str(path),
+        "k": 3,
+        "raw_rows": 15,
+        "users_before": 5,
+        "items_before": 4,
+        "actions_before": 15,
+        "users_after": 3,
+        "items_after": 3,
+        "actions_after": 9,
+        "users_dropped_short": 0,
+    }
+
+
+def test_small_k_drops_short_users_and_reports(tmp_path) -> None:
+    log = pd.DataFrame({"user_id": list("aaabbc"), "item_id": list("xyzxyx"), "timestamp": range(6)})
+    log.to_csv(tmp_path / "log.csv", index=False)
+    summary = prepare(tmp_path / "log.csv", tmp_path / "out", k=1, min_users=1)
+    assert summary["users_after"] == 1
+    assert summary["users_dropped_short"] == 2
+    assert outputs(tmp_path / "out") == ([list("xyz")], ["a"])
+
+
+def test_read_log_iso_and_numeric_timestamps(tmp_path) -> None:
+    path = write_csv(
+        tmp_path / "log.csv",
+        "user_id,item_id,timestamp\nu,1,2023-01-01T00:00:00Z\nu,2,2023-01-01T01:00:00+01:00\nu,3,2023-01-02\n",
+    )
+    log = read_log(path)
+    assert log["timestamp"].tolist() == [1672531200.0, 1672531200.0, 1672617600.0]
+    assert log["item_id"].tolist() == ["1", "2", "3"]
+    path = write_csv(tmp_path / "n.csv", "user_id,item_id,timestamp\n007,a,5\n007,b,1.5e3\n")
+    log = read_log(path)
+    assert log["user_id"].tolist() == ["007", "007"]  # ids stay strings
+    assert log["timestamp"].tolist() == [5, 1500]
+
+
+def test_read_log_parquet_datetime_column(tmp_path) -> None:
+    times = pd.to_datetime(["2023-01-01", "2023-01-02"])
+    pd.DataFrame({"user_id": [1, 1], "item_id": [7, 8], "timestamp": times}).to_parquet(
+        tmp_path / "l.parquet"
+    )
+    log = read_log(tmp_path / "l.parquet")
+    assert log["user_id"].tolist() == ["1", "1"]
+    assert log["timestamp"].tolist() == [1672531200.0, 1672617600.0]
+
+
+HEADER = "user_id,item_id,timestamp\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("log.csv", "", "the file is empty"),
+        ("log.csv", HEADER, "the file has no rows"),
+        ("log.txt", HEADER + "u,i,1\n", "unknown file type"),
+        ("log.csv", "user_id,item,timestamp\nu,i,1\n", r"missing column\(s\) \['item_id'\]; .*'item'"),
+        (
+            "log.csv",
+            HEADER + "u,i,1\nu,i,2\nu,i,yesterday\n",
+            r"log.csv:4: timestamp 'yesterday' is not a number",
+        ),
+        ("log.csv", HEADER + "u,i,2023-01-01\nu,i,soon\n", r"log.csv:3: timestamp 'soon' is neither"),
+        ("log.csv", HEADER + "u,i,1\nu,i,\n", r"log.csv:3: timestamp '' is not a number"),
+        ("log.csv", HEADER + "u,i,1\nu, ,2\n", r"log.csv:3: empty 'item_id'"),
+        ("log.csv", HEADER + ",i,1\n", r"log.csv:2: empty 'user_id'"),
+        ("log.csv", HEADER + "u,i,1,extra,more\n", "more fields than the header"),
+        ("log.csv", HEADER + "u,i,1\nu,i,2,3\n", "cannot read the file: .*line 3"),
+        ("log.csv.gz", "not gzip", "cannot read the file"),
+        ("log.parquet", "not parquet", "cannot read the file"),
+    ],
+)
+def test_read_log_bad_input(tmp_path, name: str, text: str, message: str) -> None:
+    path = write_csv(tmp_path / name, text)
+    with pytest.raises(DataError, match=message) as info:
+        read_log(path)
+    assert str(path) in str(info.value)
+
+
+def test_read_log_missing_file(tmp_path) -> None:
+    with pytest.raises(DataError, match="no such file"):
+        read_log(tmp_path / "nope.csv")
+
+
+def test_read_log_parquet_bad_row(tmp_path) -> None:
+    log = pd.DataFrame({"user_id": ["u", None], "item_id": ["a", "b"], "timestamp": [1, 2]})
+    log.to_parquet(tmp_path / "log.parquet")
+    with pytest.raises(DataError, match=r"log.parquet: row 2: empty 'user_id'"):
+        read_log(tmp_path / "log.parquet")
+    log = pd.DataFrame({"user_id": ["u", "u"], "item_id": ["a", "b"], "timestamp": [1.0, np.nan]})
+    log.to_parquet(tmp_path / "log.parquet")
+    with pytest.raises(DataError, match=r"row 2: missing or infinite timestamp"):
+        read_log(tmp_path / "log.parquet")
+
+
+def test_prepare_too_few_users(tmp_path) -> None:
+    cascade_log().to_csv(tmp_path / "log.csv", index=False)
+    with pytest.raises(
+        DataError, match=r"log.csv: too few users left after 4-core filtering: 0 \(need at least 2\)"
+    ):
+        prepare(tmp_path / "log.csv", tmp_path / "out", k=4)
+    with pytest.raises(DataError, match=r"too few users left after 3-core filtering: 3 \(need at least 5\)"):
+        prepare(tmp_path / "log.csv", tmp_path / "out", k=3, min_users=5)
+    assert not (tmp_path / "out").exists()

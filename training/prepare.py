@@ -1,0 +1,217 @@
+"""Raw interaction log -> k-core -> time-ordered user sequences.
+
+Writes, into the output folder:
+
+* ``sequences.txt``: the text format of :mod:`training.sequences`; users are
+  numbered 0..U-1 in order of their first row in the log.
+* ``users.json``: ``{"format": 1, "user_ids": [...]}``, the external id of each user number.
+* ``items.json``: the :class:`~training.vocabulary.Vocabulary`; item indices are given
+  in order of first appearance when reading the sequences user by user, oldest first.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from training.errors import DataError
+from training.sequences import MIN_LENGTH, write_sequences
+from training.vocabulary import Vocabulary, write_json_atomic
+
+CSV_SEPARATORS = {".csv": ",", ".tsv": "\t"}
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def read_log(
+    path: str | Path, user_col: str = "user_id", item_col: str = "item_id", time_col: str = "timestamp"
+) -> pd.DataFrame:
+    """Read an interaction log: CSV (``.csv``, ``.tsv``, either ``.gz``) or Parquet (``.parquet``, ``.pq``).
+
+    Timestamps may be numbers (kept as they are) or ISO-8601 strings (converted to
+    seconds since the epoch; times without a zone are taken as UTC).
+
+    Args:
+        path: the log file.
+        user_col: the column of user ids.
+        item_col: the column of item ids.
+        time_col: the column of timestamps.
+
+    Returns:
+        Columns ``user_id``, ``item_id`` (str) and ``timestamp`` (numeric), one row per
+        interaction, in file order.
+
+    Raises:
+        DataError: naming the file (and the CSV line or Parquet row) for a missing file,
+            an unknown extension, an unreadable or empty file, missing columns, an empty
+            id or a timestamp that is neither a number nor an ISO-8601 date.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("no such file", path)
+    name = path.name.lower().removesuffix(".gz")
+    suffix = Path(name).suffix
+    if suffix not in CSV_SEPARATORS and not path.name.lower().endswith(PARQUET_SUFFIXES):
+        raise DataError("unknown file type: expected .csv, .tsv, .csv.gz, .tsv.gz, .parquet or .pq", path)
+    is_csv = suffix in CSV_SEPARATORS
+    if path.stat().st_size == 0:
+        raise DataError("the file is empty", path)
+    try:
+        if is_csv:
+            with warnings.catch_warnings():  # pandas warns (here: raises) when the first row is too long
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                raw = pd.read_csv(
+                    path, sep=CSV_SEPARATORS[suffix], dtype=str, keep_default_na=False, index_col=False
+                )
+        else:
+            raw = pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        raise DataError("the file is empty", path) from None
+    except pd.errors.ParserWarning:
+        raise DataError("cannot read the file: a row has more fields than the header", path) from None
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"cannot read the file: {e}", path) from None
+
+    missing = [c for c in (user_col, item_col, time_col) if c not in raw.columns]
+    if missing:
+        raise DataError(f"missing column(s) {missing}; the file has columns {list(raw.columns)}", path)
+    if len(raw) == 0:
+        raise DataError("the file has no rows", path)
+
+    def error(row: int, message: str) -> DataError:
+        if is_csv:
+            return DataError(message, path, row + 2)  # line 1 is the header
+        return DataError(f"row {row + 1}: {message}", path)
+
+    ids = {}
+    for col in (user_col, item_col):
+        values = raw[col]
+        empty = (values.isna() | values.astype(str).str.strip().eq("")).to_numpy()
+        if empty.any():
+            raise error(int(np.argmax(empty)), f"empty {col!r}")
+        ids[col] = values.astype(str).reset_index(drop=True)
+    times, bad, message = _seconds(raw[time_col].reset_index(drop=True))
+    if bad is not None:
+        raise error(bad, message)
+    return pd.DataFrame({"user_id": ids[user_col], "item_id": ids[item_col], "timestamp": times})
+
+
+def _seconds(col: pd.Series) -> tuple[pd.Series, int | None, str]:
+    """Timestamps to numbers; returns (values, first bad row or None, what is wrong with it)."""
+    if pd.api.types.is_datetime64_any_dtype(col):
+        epoch = pd.Timestamp(0, tz="UTC") if col.dt.tz is not None else pd.Timestamp(0)
+        col = (col - epoch) / pd.Timedelta(seconds=1)
+    if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        bad = ~np.isfinite(col.to_numpy(dtype=float, na_value=np.nan))
+        return col, _first(bad), "missing or infinite timestamp"
+    text = col.astype(str).str.strip()
+    numbers = pd.to_numeric(text, errors="coerce")
+    if np.isfinite(numbers.iloc[0]):  # the first row decides: numbers or dates
+        bad = ~np.isfinite(numbers.to_numpy(dtype=float))
+        return numbers, _first(bad), f"timestamp {_at(text, bad)!r} is not a number, unlike the first row's"
+    dates = pd.to_datetime(text, format="ISO8601", utc=True, errors="coerce")
+    bad = dates.isna().to_numpy()
+    seconds = (dates - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)
+    return seconds, _first(bad), f"timestamp {_at(text, bad)!r} is neither a number nor an ISO-8601 date"
+
+
+def _first(mask: np.ndarray) -> int | None:
+    return int(np.argmax(mask)) if mask.any() else None
+
+
+def _at(text: pd.Series, mask: np.ndarray) -> str:
+    return str(text.iloc[int(np.argmax(mask))]) if mask.any() else ""
+
+
+def kcore(df: pd.DataFrame, k: int = 5, user_k: int | None = None) -> pd.DataFrame:
+    """Keep only users and items with at least k interactions each, repeated to a fixed point.
+
+    Interactions are rows, so a repeated (user, item) pair counts each time.
+
+    Args:
+        df: with columns ``user_id`` and ``item_id``.
+        k: the fewest interactions an item (and, unless ``user_k`` is given, a user) keeps.
+        user_k: the fewest interactions a user keeps, if different from k.
+
+    Returns:
+        The surviving rows, in their original order, with their original index.
+    """
+    user_k = k if user_k is None else user_k
+    while True:
+        users = df["user_id"].value_counts()
+        items = df["item_id"].value_counts()
+        keep = df["user_id"].isin(users.index[users >= user_k]) & df["item_id"].isin(items.index[items >= k])
+        if keep.all():
+            return df
+        df = df[keep]
+
+
+def prepare(
+    log_path: str | Path,
+    out_dir: str | Path,
+    k: int = 5,
+    min_users: int = 2,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    time_col: str = "timestamp",
+) -> dict[str, int | str]:
+    """Turn an interaction log into ``sequences.txt``, ``users.json`` and ``items.json``.
+
+    Each user's interactions are sorted by time; ties keep their order in the file.
+    Every user left has at least 3 interactions (the leave-one-out split needs them):
+    k >= 3 guarantees it, and for smaller k the users with fewer are dropped too
+    (again to a fixed point), counted as ``users_dropped_short`` in the summary.
+
+    Args:
+        log_path: the log (see :func:`read_log`).
+        out_dir: the folder to write to (created if missing).
+        k: the k of the k-core.
+        min_users: the fewest users that must be left.
+        user_col: the column of user ids.
+        item_col: the column of item ids.
+        time_col: the column of timestamps.
+
+    Returns:
+        A summary: ``log``, ``k``, ``raw_rows``, ``users_before``, ``items_before``,
+        ``actions_before``, ``users_after``, ``items_after``, ``actions_after``,
+        ``users_dropped_short``.
+
+    Raises:
+        DataError: for a bad log (see :func:`read_log`) or fewer than ``min_users`` users left.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    log = read_log(log_path, user_col, item_col, time_col)
+    kept = kcore(log, k, user_k=max(k, MIN_LENGTH))
+    dropped_short = 0 if k >= MIN_LENGTH else kcore(log, k)["user_id"].nunique() - kept["user_id"].nunique()
+    num_users = kept["user_id"].nunique()
+    if num_users < min_users:
+        raise DataError(
+            f"too few users left after {k}-core filtering: {num_users} (need at least {min_users})", log_path
+        )
+
+    user_codes, user_ids = pd.factorize(kept["user_id"])  # order of first row in the file
+    kept = kept.assign(user=user_codes)
+    kept = kept.sort_values("timestamp", kind="stable").sort_values("user", kind="stable")
+    item_codes, item_ids = pd.factorize(kept["item_id"])
+    bounds = np.cumsum(np.bincount(kept["user"].to_numpy(), minlength=num_users))[:-1]
+    sequences = np.split(item_codes.astype(np.int64), bounds)
+
+    out_dir = Path(out_dir)
+    write_sequences(out_dir / "sequences.txt", sequences)
+    write_json_atomic(out_dir / "users.json", {"format": 1, "user_ids": [str(u) for u in user_ids]})
+    Vocabulary(str(i) for i in item_ids).save(out_dir / "items.json")
+    return {
+        "log": str(log_path),
+        "k": k,
+        "raw_rows": len(log),
+        "users_before": log["user_id"].nunique(),
+        "items_before": log["item_id"].nunique(),
+        "actions_before": len(log),
+        "users_after": num_users,
+        "items_after": len(item_ids),
+        "actions_after": len(kept),
+        "users_dropped_short": dropped_short,
+    }
