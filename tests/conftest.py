@@ -1,0 +1,40 @@
+"""Shared fixtures: the benchmark data location and one tiny trained model per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(__import__("os").environ.get("MQSA_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data, or skip the test when it is absent."""
+    if not (SHARED_DATA / "beauty.txt").is_file():
+        pytest.skip(f"benchmark data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small seeded synthetic data set with planted transitions (sequences.txt + items.json)."""
+    from training.synth import write_synthetic
+
+    out = tmp_path_factory.mktemp("synth")
+    return write_synthetic(out, num_users=800, num_items=200, num_clusters=8, mean_length=10, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two epochs of MQSA-TED on the synthetic data: the run directory and its metrics."""
+    from training.trainer import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("run")
+    model_config = {"max_len": 20, "hidden_size": 32}
+    config = TrainConfig(epochs=2, batch_size=128, seed=7)
+    metrics = train(synthetic_data, out, model_config, config, progress=False)
+    return {"dir": out, "metrics": metrics, "data": synthetic_data}

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models.mqsa import MQSA
+from training.errors import DataError
+from training.scoring import evaluate_checkpoint
+from training.sequences import split_leave_one_out, write_sequences
+from training.trainer import TrainConfig, TrainingExamples, train
+
+
+def test_two_epochs_beat_popularity_clearly(trained_run) -> None:
+    m = trained_run["metrics"]
+    popular = m["baselines"]["Popularity"]["test"]
+    assert m["test"]["NDCG@10"] > 3 * popular["NDCG@10"]
+    assert m["test"]["HR@10"] > 2 * popular["HR@10"]
+    assert m["best_epoch"] in (1, 2)
+    assert m["epochs_run"] == 2
+
+
+def test_run_writes_its_reports(trained_run) -> None:
+    out = trained_run["dir"]
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["test"] == trained_run["metrics"]["test"]
+    assert set(on_disk["test"]) == {f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20)}
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert float(rows[1]["loss"]) < float(rows[0]["loss"])
+    assert all(float(r["kd"]) > 0 for r in rows)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_alone_rebuilds_the_model(trained_run) -> None:
+    model, ckpt = MQSA.from_checkpoint(str(trained_run["dir"] / "best.pt"))
+    assert model.config.hidden_size == 32 and model.config.max_len == 20
+    assert len(ckpt["item_ids"]) == model.config.num_items
+    assert sum(ckpt["item_counts"]) > 0
+    again, _ = MQSA.from_checkpoint(str(trained_run["dir"] / "best.pt"))
+    batch = torch.randint(0, model.config.num_items, (4, 20))
+    torch.testing.assert_close(model.encode(batch), again.encode(batch), rtol=0, atol=0)
+
+
+def test_evaluate_checkpoint_reproduces_the_training_metrics(trained_run) -> None:
+    result = evaluate_checkpoint(trained_run["dir"] / "best.pt", trained_run["data"])
+    for key, value in trained_run["metrics"]["test"].items():
+        assert result["test"][key] == pytest.approx(value, abs=1e-6)
+    assert result["valid"]["NDCG@20"] == pytest.approx(trained_run["metrics"]["valid"]["NDCG@20"], abs=1e-6)
+
+
+def test_same_seed_same_result(synthetic_data, tmp_path) -> None:
+    config = TrainConfig(epochs=1, batch_size=256, seed=3)
+    small = {"max_len": 10, "hidden_size": 16}
+    a = train(synthetic_data, tmp_path / "a", small, config, progress=False)
+    b = train(synthetic_data, tmp_path / "b", small, config, progress=False)
+    assert a["test"] == b["test"]
+
+
+def test_patience_stops_early(synthetic_data, tmp_path) -> None:
+    config = TrainConfig(epochs=50, batch_size=256, lr=1e-9, patience=2, seed=0)
+    m = train(synthetic_data, tmp_path, {"max_len": 10, "hidden_size": 16}, config, progress=False)
+    assert m["epochs_run"] < 50
+
+
+def test_training_examples_are_shifted_and_left_padded() -> None:
+    seqs = [np.array([5, 6, 7, 8, 9]), np.array([1, 2, 3])]
+    split = split_leave_one_out(seqs, max_len=4)  # train: [5, 6, 7] and [1]
+    ex = TrainingExamples.from_split(split, max_len=4, padding_idx=10)
+    assert len(ex) == 1  # the user with one training item gives no example
+    assert ex.inputs.tolist() == [[10, 10, 5, 6]]
+    assert ex.targets.tolist() == [[10, 10, 6, 7]]
+    inputs, targets = ex.batch(np.array([0]), torch.device("cpu"))
+    assert inputs.tolist() == [[5, 6]] and targets.tolist() == [[6, 7]]
+
+
+def test_nothing_to_train_on_is_a_clear_error(tmp_path) -> None:
+    path = tmp_path / "short.txt"
+    write_sequences(path, [np.array([1, 2, 3]), np.array([0, 2, 1])])
+    with pytest.raises(DataError, match="no user has two training items"):
+        train(path, tmp_path / "out", {"max_len": 5}, TrainConfig(epochs=1), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("epochs", 0), ("lr", 0.0), ("device", "tpu"), ("precision", "fp8"), ("patience", -1)],
+)
+def test_bad_train_config(field: str, value) -> None:
+    with pytest.raises(ValueError):
+        TrainConfig(**{field: value})

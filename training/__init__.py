@@ -1,0 +1,1 @@
+"""Offline half: data preparation, training, evaluation (and later export)."""

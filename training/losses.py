@@ -1,0 +1,250 @@
+"""The training objective: recommendation cross-entropy and TED (spec sections 5-6).
+
+Both losses need a log-sum-exp over all N items for many query vectors: the
+model's blended vectors at real positions (recommendation) and the items'
+own scaled embeddings (TED's student). They share one fused, chunked product
+with the item table (:class:`LinearLogSumExp`) that never holds the whole
+(rows x N) logit matrix and computes its gradients while the chunk is hot.
+
+The TED teacher is kept sparse: a row's teacher distribution is fixed by its
+non-zero transition counts plus one shared probability for every other item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from training.transitions import TransitionGraph
+
+
+class LinearLogSumExp(torch.autograd.Function):
+    """sum_r w_r * logsumexp_j(q_r . E_j), with its gradients computed chunk by chunk.
+
+    Forward computes the value and both gradients in one pass over row chunks:
+    logits (c, N) -> softmax in place -> grad_q = S E and grad_E += S^T q.
+    Backward only scales them by the upstream scalar gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, queries, table, weights, chunk, dtype):  # type: ignore[override]
+        # queries (R, D), table (N, D), weights (R,) -> scalar, lse (R,)
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        R, device = queries.shape[0], queries.device
+        lse = torch.empty(R, dtype=torch.float32, device=device)
+        grad_q = torch.empty(queries.shape, dtype=torch.float32, device=device) if needs_grad else None
+        grad_table = torch.zeros(table.shape, dtype=torch.float32, device=device) if needs_grad else None
+        low = dtype != torch.float32  # bf16 products, fp32 softmax and accumulation
+        q_all, t_low = queries.to(dtype), table.to(dtype)
+        buf = torch.empty(min(chunk, R), table.shape[0], dtype=dtype, device=device)
+        for start in range(0, R, chunk):
+            q = q_all[start : start + chunk]  # (c, D)
+            logits = buf[: q.shape[0]]  # (c, N)
+            torch.mm(q, t_low.T, out=logits)
+            probs = logits.float() if low else logits
+            row_max = probs.amax(dim=1, keepdim=True)  # (c, 1)
+            probs.sub_(row_max).exp_()
+            row_sum = probs.sum(dim=1, keepdim=True)  # (c, 1)
+            lse[start : start + chunk] = (row_max + row_sum.log()).squeeze(1)
+            if needs_grad:
+                probs.mul_(weights[start : start + chunk, None] / row_sum)  # weighted softmax
+                p = probs.to(dtype) if low else probs
+                if low:
+                    grad_q[start : start + chunk] = (p @ t_low).float()
+                    grad_table.add_((p.T @ q).float())
+                else:
+                    torch.mm(p, t_low, out=grad_q[start : start + chunk])
+                    grad_table.addmm_(p.T, q)
+        ctx.save_for_backward(grad_q, grad_table)
+        ctx.mark_non_differentiable(lse)
+        return (weights * lse).sum(), lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):  # type: ignore[override]
+        grad_q, grad_table = ctx.saved_tensors
+        return grad_q * grad_out, grad_table * grad_out, None, None, None
+
+
+def linear_logsumexp(
+    queries: torch.Tensor,
+    table: torch.Tensor,
+    weights: torch.Tensor,
+    chunk: int = 512,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted sum of row log-sum-exps of ``queries @ table.T``.
+
+    Args:
+        queries: (R, D).
+        table: (N, D).
+        weights: (R,) per-row weight of the sum (no gradient flows into it).
+        chunk: rows per chunk of the (chunk, N) logit buffer.
+        dtype: dtype of the products (float32, or bfloat16 where the hardware
+            multiplies it fast); softmax and gradient sums stay float32.
+
+    Returns:
+        The scalar weighted sum (differentiable) and the (R,) log-sum-exps (not).
+    """
+    return LinearLogSumExp.apply(queries.float(), table.float(), weights.detach().float(), chunk, dtype)
+
+
+@dataclass
+class TEDTeacher:
+    """The sparse teacher of spec section 6.2, for every item.
+
+    For item i with non-zero counts A[i, J]: a = A[i, J] / max A[i, :], the teacher
+    is softmax(a / tau) over all N items, with logit 0 for every item outside J.
+    Stored as ``shared[i]``, the teacher probability of any item outside J, and
+    the sparse N x N matrix ``delta`` with delta[i, j] = t_i[j] - shared[i] on J.
+    A row with no transitions has the uniform teacher (shared = 1/N).
+
+    Attributes:
+        delta: (N, N) sparse COO float32, nnz = the graph's.
+        shared: (N,) float32.
+    """
+
+    delta: torch.Tensor
+    shared: torch.Tensor
+
+    @classmethod
+    def from_graph(cls, graph: TransitionGraph, tau: float) -> TEDTeacher:
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        n = graph.num_items
+        lengths = graph.row_lengths()
+        rows = np.repeat(np.arange(n), lengths)
+        row_max = np.zeros(n, dtype=np.float64)
+        np.maximum.at(row_max, rows, graph.counts.astype(np.float64))
+        a = graph.counts / row_max[rows]  # (nnz,) in (0, 1]
+        # Stable softmax: subtract the row's largest logit, 1/tau where the row has entries.
+        top = np.where(lengths > 0, 1.0 / tau, 0.0)  # (N,)
+        nz = np.exp(a / tau - top[rows])  # (nnz,)
+        zero = np.exp(-top)  # (N,) unnormalised probability of each zero entry
+        norm = (n - lengths) * zero
+        np.add.at(norm, rows, nz)
+        shared = zero / norm
+        delta = nz / norm[rows] - shared[rows]
+        index = torch.from_numpy(np.stack([rows, graph.indices]).astype(np.int64))
+        values = torch.from_numpy(delta.astype(np.float32))
+        matrix = torch.sparse_coo_tensor(index, values, (n, n), check_invariants=False)
+        return cls(delta=matrix.coalesce(), shared=torch.from_numpy(shared.astype(np.float32)))
+
+    def to(self, device: torch.device | str) -> TEDTeacher:
+        return TEDTeacher(delta=self.delta.to(device), shared=self.shared.to(device))
+
+    def expected_embeddings(self, table: torch.Tensor) -> torch.Tensor:
+        """(N, D) sum_j t_i[j] * table_j for every item i: the teacher-weighted item mean.
+
+        Computed as shared_i * sum_j table_j + (delta @ table)_i: one sparse
+        product, differentiable with respect to ``table``.
+        """
+        return self.shared[:, None] * table.sum(0) + torch.sparse.mm(self.delta, table)
+
+
+def ted_linear_term(
+    student: torch.Tensor, items: torch.Tensor, table: torch.Tensor, teacher: TEDTeacher, tau: float
+) -> torch.Tensor:
+    """sum_j t_{items_k}[j] * logit_kj for each occurrence k, without a dense teacher.
+
+    The TED cross-entropy of occurrence k is ``lse_k - this_k`` where
+    logit_kj = student_k . table_j / tau; by linearity this is
+    student_k . (teacher-weighted mean of the table rows) / tau.
+
+    Args:
+        student: (K, D) dropout(E_i * sqrt(d)) for each occurrence.
+        items: (K,) the occurrence's item index.
+        table: (N, D) the item embeddings.
+
+    Returns:
+        (K,) the teacher-weighted logit sums.
+    """
+    expected = teacher.expected_embeddings(table)  # (N, D)
+    return (student * expected[items]).sum(-1) / tau
+
+
+def ted_loss_dense(
+    student: torch.Tensor, items: torch.Tensor, table: torch.Tensor, counts: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """Reference TED loss with a dense (N x N) teacher. Tests only.
+
+    Args:
+        student: (K, D); items: (K,); table: (N, D); counts: (N, N) transition counts.
+
+    Returns:
+        Scalar mean cross-entropy(teacher_i, student_i) over the K occurrences.
+    """
+    row_max = counts.amax(dim=1, keepdim=True)
+    a_bar = torch.where(row_max > 0, counts / row_max.clamp_min(1e-12), torch.zeros_like(counts))
+    teacher = torch.softmax(a_bar / tau, dim=1)[items]  # (K, N)
+    log_student = torch.log_softmax(student @ table.T / tau, dim=1)  # (K, N)
+    return -(teacher * log_student).sum(1).mean()
+
+
+@dataclass
+class LossValues:
+    """One batch's objective, as floats for logging."""
+
+    total: float
+    rec: float
+    kd: float
+    l2: float
+
+
+def mqsa_loss(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    teacher: TEDTeacher | None,
+    lambda_kd: float = 0.1,
+    tau: float = 0.1,
+    l2: float = 1e-4,
+    chunk: int = 512,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, LossValues]:
+    """L = L_rec + lambda_kd * L_kd + l2 * sum ||w||^2 / 2 for one batch (spec sections 5-6).
+
+    Logits are computed only at real positions, from the blended vector (one
+    N-way product), and the TED student rows join the same fused product.
+
+    Args:
+        model: an ``MQSA``.
+        inputs: (B, T) left-padded input items (train[:-1]).
+        targets: (B, T) next items aligned with ``inputs``, padding where none.
+        teacher: the sparse TED teacher; None (or lambda_kd 0) turns TED off.
+
+    Returns:
+        The differentiable total loss and its parts as floats.
+    """
+    pad = model.config.padding_idx
+    short, long = model(inputs)  # (B, T, D) each
+    real = targets != pad  # (B, T)
+    z = model.blend(short[real], long[real])  # (P, D)
+    target_items = targets[real]  # (P,)
+    table = model.item_embeddings()  # (N, D)
+    P = z.shape[0]
+    queries, weights = [z], [torch.full((P,), 1.0 / P, device=z.device)]
+    use_kd = teacher is not None and lambda_kd > 0
+    if use_kd:
+        items = inputs[inputs != pad]  # (K,) every real item occurrence
+        scale = model.config.hidden_size**0.5
+        student = model.emb_dropout(model.item_emb(items) * scale)  # (K, D)
+        K = items.shape[0]
+        queries.append(student / tau)
+        weights.append(torch.full((K,), lambda_kd / K, device=z.device))
+    lse_sum, lse = linear_logsumexp(torch.cat(queries), table, torch.cat(weights), chunk, dtype)
+    rec_linear = (z * table[target_items]).sum(-1)  # (P,) target logits
+    loss = lse_sum - rec_linear.mean()
+    rec_value = (lse[:P] - rec_linear.detach()).mean().item()
+    kd_value = 0.0
+    if use_kd:
+        kd_linear = ted_linear_term(student, items, table, teacher, tau)  # (K,)
+        loss = loss - lambda_kd * kd_linear.mean()
+        kd_value = (lse[P:] - kd_linear.detach()).mean().item()
+    l2_value = 0.0
+    if l2 > 0:
+        penalty = 0.5 * l2 * sum(p.pow(2).sum() for p in model.parameters() if p.requires_grad)
+        loss = loss + penalty
+        l2_value = penalty.item()
+    return loss, LossValues(total=loss.item(), rec=rec_value, kd=kd_value, l2=l2_value)
