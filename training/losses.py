@@ -71,7 +71,7 @@ def linear_logsumexp(
     queries: torch.Tensor,
     table: torch.Tensor,
     weights: torch.Tensor,
-    chunk: int = 512,
+    chunk: int = 256,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted sum of row log-sum-exps of ``queries @ table.T``.
@@ -182,6 +182,44 @@ def ted_loss_dense(
     return -(teacher * log_student).sum(1).mean()
 
 
+def blended_at_real_positions(
+    model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, min_width: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blended vector and target at every real position of a batch.
+
+    Rows are grouped by length into widths 4, 8, 16, ... and each group runs
+    trimmed to its width: most sequences are short, and a batch padded to its
+    longest row would spend most of the network's work on padding. Rows are
+    independent and positions right-aligned, so this is exact.
+
+    Args:
+        inputs: (B, T) left-padded input items.
+        targets: (B, T) aligned next items, padding where none.
+
+    Returns:
+        z (P, D) blended vectors and (P,) target items, P = real positions.
+    """
+    pad = model.config.padding_idx
+    lengths = (inputs != pad).sum(1)  # (B,)
+    width = inputs.shape[1]
+    zs, ts = [], []
+    low = 0
+    while low < width:
+        high = min(max(min_width, 2 * low), width)
+        rows = ((lengths > low) & (lengths <= high)).nonzero().squeeze(1)
+        low = high
+        if rows.numel() == 0:
+            continue
+        sub_inputs, sub_targets = inputs[rows, -high:], targets[rows, -high:]  # (b, w)
+        short, long = model(sub_inputs)  # (b, w, D) each
+        real = sub_targets != pad  # (b, w)
+        zs.append(model.blend(short[real], long[real]))
+        ts.append(sub_targets[real])
+    if not zs:
+        raise ValueError("the batch has no real position with a target (every row is padding)")
+    return torch.cat(zs), torch.cat(ts)
+
+
 @dataclass
 class LossValues:
     """One batch's objective, as floats for logging."""
@@ -200,7 +238,7 @@ def mqsa_loss(
     lambda_kd: float = 0.1,
     tau: float = 0.1,
     l2: float = 1e-4,
-    chunk: int = 512,
+    chunk: int = 256,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, LossValues]:
     """L = L_rec + lambda_kd * L_kd + l2 * sum ||w||^2 / 2 for one batch (spec sections 5-6).
@@ -218,10 +256,7 @@ def mqsa_loss(
         The differentiable total loss and its parts as floats.
     """
     pad = model.config.padding_idx
-    short, long = model(inputs)  # (B, T, D) each
-    real = targets != pad  # (B, T)
-    z = model.blend(short[real], long[real])  # (P, D)
-    target_items = targets[real]  # (P,)
+    z, target_items = blended_at_real_positions(model, inputs, targets)  # (P, D), (P,)
     table = model.item_embeddings()  # (N, D)
     P = z.shape[0]
     queries, weights = [z], [torch.full((P,), 1.0 / P, device=z.device)]

@@ -72,7 +72,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     threads: int = 0
-    chunk: int = 512
+    chunk: int = 256
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_every", "time_span", "chunk"):
@@ -235,6 +235,7 @@ def train(
                 stale += 1
         history.append(row)
         report.epoch_line(row, best["epoch"] == epoch, progress)
+        report.write_history(history, out_dir / "history.csv")  # watchable while a long run goes on
         if config.patience and stale >= config.patience:
             break
 
@@ -266,7 +267,6 @@ def train(
         "wall_seconds": time.perf_counter() - started,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    report.write_history(history, out_dir / "history.csv")
     report.plot_curves(history, out_dir / "curves.png")
     if progress:
         print(report.results_table(metrics))

@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from training.evaluation import (
+    EvalSet,
+    evaluate_scores,
+    metrics_from_ranks,
+    popularity,
+    popularity_scorer,
+    target_ranks,
+    transition_scorer,
+    validation_set,
+)
+from training.evaluation import test_set as make_test_set  # renamed so pytest does not collect it
+from training.sequences import split_leave_one_out
+from training.transitions import TransitionGraph
+
+
+def arrays(*rows: list[int]) -> list[np.ndarray]:
+    return [np.array(r, dtype=np.int64) for r in rows]
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_metrics_from_hand_computed_ranks() -> None:
+    m = metrics_from_ranks(np.array([0, 3, 7, 15, 30]))
+    assert set(m) == {"HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20"}
+    assert m["HR@5"] == pytest.approx(2 / 5)
+    assert m["NDCG@5"] == pytest.approx((1 + 1 / math.log2(5)) / 5)
+    assert m["HR@10"] == pytest.approx(3 / 5)
+    assert m["NDCG@10"] == pytest.approx((1 + 1 / math.log2(5) + 1 / math.log2(9)) / 5)
+    assert m["HR@20"] == pytest.approx(4 / 5)
+    assert m["NDCG@20"] == pytest.approx((1 + 1 / math.log2(5) + 1 / math.log2(9) + 1 / math.log2(17)) / 5)
+
+
+def test_metrics_boundaries_and_custom_ks() -> None:
+    """Rank K-1 is a hit at K, rank K is not."""
+    m = metrics_from_ranks(torch.tensor([4, 5]), ks=(5, 6))
+    assert m == pytest.approx(
+        {
+            "HR@5": 0.5,
+            "NDCG@5": 0.5 / math.log2(6),
+            "HR@6": 1.0,
+            "NDCG@6": (1 / math.log2(6) + 1 / math.log2(7)) / 2,
+        }
+    )
+    assert metrics_from_ranks(np.zeros(3, dtype=np.int64))["NDCG@20"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- ranks
+
+
+def test_target_ranks_remove_history() -> None:
+    scores = torch.tensor(
+        [
+            [5.0, 4.0, 3.0, 2.0, 1.0, 0.0],  # target 3; items 0, 1, 2 above it, 0 is history
+            [1.0, 1.0, 1.0, 0.0, 2.0, 2.0],  # target 0; ties do not count; 4 is history, 5 is not
+            [0.0, 9.0, 8.0, 7.0, 6.0, 5.0],  # target 0 is last, all others are history
+        ]
+    )
+    targets = torch.tensor([3, 0, 0])
+    history = arrays([0], [4], [1, 2, 3, 4, 5])
+    ranks = target_ranks(scores.clone(), targets, history)
+    assert ranks.tolist() == [2, 1, 0]
+    assert target_ranks(scores.clone(), targets, arrays([], [], [])).tolist() == [3, 2, 5]
+
+
+def test_target_ranks_match_brute_force() -> None:
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (20, 15), generator=gen).float()  # many ties
+    targets = torch.randint(0, 15, (20,), generator=gen)
+    rng = np.random.default_rng(0)
+    history = []
+    for t in targets.tolist():
+        others = np.setdiff1d(np.arange(15), [t])
+        history.append(rng.choice(others, size=rng.integers(0, 8), replace=False))
+    expected = [
+        sum(1 for j in range(15) if j not in set(h.tolist()) and scores[b, j] > scores[b, t])
+        for b, (t, h) in enumerate(zip(targets.tolist(), history, strict=True))
+    ]
+    assert target_ranks(scores.clone(), targets, history).tolist() == expected
+
+
+# ---------------------------------------------------------------- evaluation sets
+
+
+def tiny_split(max_len: int):
+    sequences = arrays([0, 1, 2, 3, 4, 5, 6], [7, 8, 9])
+    return split_leave_one_out(sequences, max_len)
+
+
+def test_validation_set() -> None:
+    es = validation_set(tiny_split(max_len=3), max_len=3)
+    assert len(es) == 2
+    assert [s.tolist() for s in es.inputs] == [[2, 3, 4], [7]]
+    assert es.targets.tolist() == [5, 8]
+    assert [h.tolist() for h in es.history] == [[2, 3, 4], [7]]  # the cut training sequence
+
+
+def test_test_set_includes_validation_item() -> None:
+    es = make_test_set(tiny_split(max_len=3), max_len=3)
+    assert [s.tolist() for s in es.inputs] == [[3, 4, 5], [7, 8]]  # cut to max_len
+    assert es.targets.tolist() == [6, 9]
+    assert [h.tolist() for h in es.history] == [[2, 3, 4, 5], [7, 8]]  # cut train + validation item
+
+
+# ---------------------------------------------------------------- baselines
+
+
+def test_transition_scorer_ranks_most_frequent_successor_first() -> None:
+    train = arrays([0, 1, 0, 1, 0, 2], [3, 3, 3, 3, 2])
+    graph = TransitionGraph.from_sequences(train, 5)
+    counts = popularity(train, 5)
+    assert counts.tolist() == [3, 2, 2, 4, 0]
+    score = transition_scorer(graph, counts)
+    scores = score(arrays([4, 0], [1], [3, 4]))
+    assert scores.shape == (3, 5)
+    assert scores[0].argmax().item() == 1  # 0 -> 1 twice, 0 -> 2 once
+    assert scores[0, 2] > scores[0, 3]  # a transition beats any popularity
+    assert scores[1].argmax().item() == 0  # 1 -> 0 only
+    assert scores[2].argmax().item() == 3  # 4 has no successor: popularity decides
+    assert scores[2, 3] > scores[2, 0] > scores[2, 1] == scores[2, 2] > scores[2, 4]
+
+
+def test_popularity_scorer_ranks_most_popular_first() -> None:
+    train = arrays([0, 1, 2, 2], [2, 3, 1])
+    counts = popularity(train, 5)
+    assert counts.tolist() == [1, 2, 3, 1, 0]
+    scores = popularity_scorer(counts)(arrays([0], [1, 3]))
+    assert scores.shape == (2, 5)
+    assert scores.argmax(1).tolist() == [2, 2]
+    es = EvalSet(inputs=arrays([0], [0]), targets=np.array([1, 4]), history=arrays([2], [0]))
+    m = evaluate_scores(popularity_scorer(counts), es, batch_size=1)
+    # user 0: item 2 removed, item 1 is first (rank 0); user 1: 2, 1, 3 above item 4 (rank 3).
+    assert m["HR@5"] == pytest.approx(1.0)
+    assert m["NDCG@5"] == pytest.approx((1 + 1 / math.log2(5)) / 2)
