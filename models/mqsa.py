@@ -149,6 +149,7 @@ class Block(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.num_heads = cfg.num_heads
+        self.head_dim = d // cfg.num_heads
         self.query_norm = nn.LayerNorm(d, eps=1e-8)
         self.query = nn.Linear(d, d)
         self.key = nn.Linear(d, d)
@@ -178,12 +179,12 @@ class Block(nn.Module):
             (B, T, D) new hidden states, zero at padding.
         """
         B, T, D = h.shape
-        H = self.num_heads
+        H, Dh = self.num_heads, self.head_dim
         qn = self.query_norm(q_in)  # (B, T, D)
-        q = self.query(qn).view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, D/H)
-        k = self.key(h).view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, D/H)
-        v = self.value(h).view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, D/H)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(D // H)  # (B, H, T, T)
+        q = self.query(qn).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.key(h).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+        v = self.value(h).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(Dh)  # (B, H, T, T)
         scores = scores.masked_fill(~allowed, -1e9)
         weights = torch.softmax(scores, dim=-1) * mask.unsqueeze(1)  # padded query rows -> 0
         weights = self.attn_dropout(weights)

@@ -96,6 +96,27 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(results_table(result, "valid"))
 
 
+def _export(args: argparse.Namespace) -> None:
+    from training.export import export_bundle
+
+    manifest = export_bundle(
+        args.checkpoint,
+        args.out,
+        index=args.index,
+        nlist=args.nlist,
+        nprobe=args.nprobe,
+        hnsw_m=args.hnsw_m,
+        ef_search=args.ef_search,
+        popular_top=args.popular_top,
+        force=args.force,
+    )
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    print(
+        f"wrote {args.out}: model_version {manifest['model_version']}, {manifest['num_items']} items, "
+        f"{manifest['index']['type']} index, {size / 1e6:.1f} MB, {manifest['export_seconds']:.1f}s"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mqsa", description="MQSA-TED sequential recommender.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     t.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     t.set_defaults(func=_train)
+
+    x = sub.add_parser("export", help="checkpoint -> serving bundle (ONNX encoder, FAISS index, manifest)")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--out", required=True, help="bundle directory (written atomically)")
+    x.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw"], help="flat = exact (default)")
+    x.add_argument("--nlist", type=int, default=None, help="ivf lists (default 4 * sqrt(items))")
+    x.add_argument("--nprobe", type=int, default=16, help="ivf lists searched per query")
+    x.add_argument("--hnsw-m", type=int, default=32, help="hnsw links per node")
+    x.add_argument("--ef-search", type=int, default=128, help="hnsw search breadth")
+    x.add_argument("--popular-top", type=int, default=1000, help="items kept in popular.json")
+    x.add_argument("--force", action="store_true", help="replace an existing bundle")
+    x.set_defaults(func=_export)
 
     e = sub.add_parser("evaluate", help="full-ranking HR/NDCG@5/10/20 of a checkpoint, with baselines")
     e.add_argument("--checkpoint", required=True)

@@ -38,3 +38,13 @@ def trained_run(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) 
     config = TrainConfig(epochs=2, batch_size=128, seed=7)
     metrics = train(synthetic_data, out, model_config, config, progress=False)
     return {"dir": out, "metrics": metrics, "data": synthetic_data}
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(trained_run: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny trained model exported as a serving bundle (exact index)."""
+    from training.export import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "current"
+    export_bundle(trained_run["dir"] / "best.pt", out)
+    return out

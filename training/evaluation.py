@@ -39,12 +39,12 @@ class EvalSet:
         return len(self.targets)
 
 
-def validation_set(split: LeaveOneOut, max_len: int) -> EvalSet:
+def make_validation_set(split: LeaveOneOut, max_len: int) -> EvalSet:
     """Input = train (last T), target = the validation item, train items removed."""
     return EvalSet(inputs=[t[-max_len:] for t in split.train], targets=split.valid, history=split.train)
 
 
-def test_set(split: LeaveOneOut, max_len: int) -> EvalSet:
+def make_test_set(split: LeaveOneOut, max_len: int) -> EvalSet:
     """Input = train + validation item (last T), target = the test item."""
     seen = [np.append(t, v) for t, v in zip(split.train, split.valid, strict=True)]
     return EvalSet(inputs=[s[-max_len:] for s in seen], targets=split.test, history=seen)

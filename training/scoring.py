@@ -7,7 +7,7 @@ from typing import Any
 
 from models.mqsa import MQSA
 from training.errors import DataError
-from training.evaluation import baseline_metrics, evaluate_model, test_set, validation_set
+from training.evaluation import baseline_metrics, evaluate_model, make_test_set, make_validation_set
 from training.sequences import read_sequences, split_leave_one_out
 from training.transitions import TransitionGraph
 
@@ -30,7 +30,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path) -> dict[s
     split = split_leave_one_out(data.sequences, cfg.max_len)
     time_span = ckpt.get("train_config", {}).get("time_span", 1)
     graph = TransitionGraph.from_sequences(split.train, cfg.num_items, time_span)
-    eval_sets = {"valid": validation_set(split, cfg.max_len), "test": test_set(split, cfg.max_len)}
+    eval_sets = {"valid": make_validation_set(split, cfg.max_len), "test": make_test_set(split, cfg.max_len)}
     return {
         "checkpoint": str(checkpoint),
         "best_epoch": ckpt.get("epoch"),

@@ -24,9 +24,9 @@ from training.errors import DataError
 from training.evaluation import (
     baseline_metrics,
     evaluate_model,
+    make_test_set,
+    make_validation_set,
     popularity,
-    test_set,
-    validation_set,
 )
 from training.losses import TEDTeacher, mqsa_loss
 from training.sequences import LeaveOneOut, left_pad, read_sequences, split_leave_one_out
@@ -181,7 +181,7 @@ def train(
     examples = TrainingExamples.from_split(split, cfg.max_len, cfg.padding_idx)
     if len(examples) == 0:
         raise DataError("no user has two training items; nothing to train on", data_path)
-    eval_sets = {"valid": validation_set(split, cfg.max_len), "test": test_set(split, cfg.max_len)}
+    eval_sets = {"valid": make_validation_set(split, cfg.max_len), "test": make_test_set(split, cfg.max_len)}
     baselines = baseline_metrics(split, graph, eval_sets)
 
     model = MQSA(cfg).to(device)

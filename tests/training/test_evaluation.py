@@ -9,14 +9,14 @@ import torch
 from training.evaluation import (
     EvalSet,
     evaluate_scores,
+    make_test_set,
+    make_validation_set,
     metrics_from_ranks,
     popularity,
     popularity_scorer,
     target_ranks,
     transition_scorer,
-    validation_set,
 )
-from training.evaluation import test_set as make_test_set  # renamed so pytest does not collect it
 from training.sequences import split_leave_one_out
 from training.transitions import TransitionGraph
 
@@ -96,7 +96,7 @@ def tiny_split(max_len: int):
 
 
 def test_validation_set() -> None:
-    es = validation_set(tiny_split(max_len=3), max_len=3)
+    es = make_validation_set(tiny_split(max_len=3), max_len=3)
     assert len(es) == 2
     assert [s.tolist() for s in es.inputs] == [[2, 3, 4], [7]]
     assert es.targets.tolist() == [5, 8]

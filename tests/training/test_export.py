@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models.mqsa import MQSA
+from service.bundle import load_bundle
+from service.retrieval import top_items
+from training.errors import DataError
+from training.evaluation import make_test_set, model_scorer, target_ranks
+from training.export import export_bundle
+from training.sequences import read_sequences, split_leave_one_out
+
+
+@pytest.fixture(scope="module")
+def model(trained_run) -> MQSA:
+    return MQSA.from_checkpoint(str(trained_run["dir"] / "best.pt"))[0]
+
+
+@pytest.fixture(scope="module")
+def bundle(bundle_dir):
+    return load_bundle(bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def users(trained_run, model):
+    """Test-split inputs and histories of the synthetic users."""
+    data = read_sequences(trained_run["data"])
+    return make_test_set(split_leave_one_out(data.sequences, model.config.max_len), model.config.max_len)
+
+
+def test_manifest_describes_the_bundle(bundle_dir, trained_run, model) -> None:
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["num_items"] == model.config.num_items == 200
+    assert manifest["padding_idx"] == 200 and manifest["max_len"] == 20 and manifest["hidden_size"] == 32
+    assert manifest["alpha"] == 0.5
+    assert manifest["index"] == {"type": "flat", "metric": "inner_product"}
+    assert manifest["metrics"]["test"] == trained_run["metrics"]["test"]
+    assert set(manifest["files"]) == {"encoder.onnx", "items.faiss", "items.json", "popular.json"}
+    assert len(manifest["model_version"]) == 16
+    popular = json.loads((bundle_dir / "popular.json").read_text())
+    assert popular["counts"] == sorted(popular["counts"], reverse=True) and popular["counts"][0] > 0
+    assert not list(bundle_dir.parent.glob(".*tmp*"))  # nothing half-written left behind
+
+
+def test_onnx_matches_torch_for_every_length(bundle, model) -> None:
+    cfg = model.config
+    gen = torch.Generator().manual_seed(0)
+    for length in range(1, cfg.max_len + 1):
+        batch = torch.randint(0, cfg.num_items, (3, length), generator=gen)
+        short, long = bundle.encode(batch.numpy())
+        with torch.no_grad():
+            ref_short, ref_long = model.encode(batch)
+        np.testing.assert_allclose(short, ref_short.numpy(), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(long, ref_long.numpy(), atol=1e-5, rtol=0)
+
+
+def test_onnx_matches_torch_on_a_batch_mixing_lengths(bundle, model) -> None:
+    cfg = model.config
+    batch = torch.randint(0, cfg.num_items, (8, cfg.max_len), generator=torch.Generator().manual_seed(1))
+    for row, length in enumerate([1, 2, 3, 5, 8, 13, 19, 20]):
+        batch[row, : cfg.max_len - length] = cfg.padding_idx
+    short, long = bundle.encode(batch.numpy())
+    with torch.no_grad():
+        ref_short, ref_long = model.encode(batch)
+    np.testing.assert_allclose(short, ref_short.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(long, ref_long.numpy(), atol=1e-5, rtol=0)
+
+
+def test_faiss_top_n_equals_full_ranking_top_n(bundle, model, users) -> None:
+    picked = range(0, len(users), 7)
+    inputs = [users.inputs[u] for u in picked]
+    history = [users.history[u] for u in picked]
+    scores = model_scorer(model)(inputs)  # (B, N)
+    for b, seen in enumerate(history):
+        scores[b, torch.from_numpy(seen)] = -torch.inf
+    expected = scores.topk(10, dim=1)
+    got = top_items(bundle, [s.tolist() for s in inputs], n=10, exclude=[set(h.tolist()) for h in history])
+    assert [[i for i, _ in row] for row in got] == expected.indices.tolist()
+    np.testing.assert_allclose([[s for _, s in row] for row in got], expected.values.numpy(), atol=1e-4)
+
+
+def test_bundle_recommends_what_evaluation_ranks_first(bundle, model, users) -> None:
+    """For every test user, the bundle's first item is the evaluation's first (up to float ties)."""
+    first = top_items(
+        bundle, [s.tolist() for s in users.inputs], n=1, exclude=[set(h) for h in users.history]
+    )
+    firsts = torch.tensor([row[0][0] for row in first])
+    scores = model_scorer(model)(users.inputs)
+    ranks = target_ranks(scores, firsts, users.history)  # history set to -inf in place
+    best = scores.max(dim=1).values
+    chosen = scores.gather(1, firsts[:, None]).squeeze(1)
+    assert torch.all((ranks == 0) | (best - chosen < 1e-4))
+    assert (ranks == 0).float().mean().item() > 0.95
+
+
+def test_exact_n_items_and_no_excluded(bundle) -> None:
+    banned = set(range(0, 200, 2))
+    rows = top_items(bundle, [[1, 3, 5]], n=100, exclude=[banned])
+    assert len(rows[0]) == 100 and not {i for i, _ in rows[0]} & banned
+
+
+def test_existing_bundle_needs_force(trained_run, bundle_dir, tmp_path) -> None:
+    with pytest.raises(DataError, match="exists"):
+        export_bundle(trained_run["dir"] / "best.pt", bundle_dir)
+
+
+def test_failed_export_leaves_nothing(trained_run, tmp_path) -> None:
+    with pytest.raises(ValueError, match="nlist"):
+        export_bundle(trained_run["dir"] / "best.pt", tmp_path / "b", index="ivf", nlist=10_000)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "params"), [("ivf", {"nlist": 8, "nprobe": 8}), ("hnsw", {"ef_search": 64})]
+)
+def test_approximate_indexes_record_their_parameters(trained_run, tmp_path, kind, params) -> None:
+    out = tmp_path / kind
+    manifest = export_bundle(trained_run["dir"] / "best.pt", out, index=kind, **params)
+    assert manifest["index"]["type"] == kind
+    for key, value in params.items():
+        assert manifest["index"][key] == value
+    bundle = load_bundle(out)
+    rows = top_items(bundle, [[1, 2, 3]], n=10, exclude=[{1, 2, 3}])
+    assert len(rows[0]) == 10
