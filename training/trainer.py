@@ -184,6 +184,23 @@ def train(
     eval_sets = {"valid": make_validation_set(split, cfg.max_len), "test": make_test_set(split, cfg.max_len)}
     baselines = baseline_metrics(split, graph, eval_sets)
 
+    data_info = {"path": str(data_path), "sha256": file_sha256(data_path), "users": data.num_users}
+    item_counts = popularity(split.train, cfg.num_items).astype(np.int64).tolist()
+
+    def checkpoint(state: dict[str, torch.Tensor], best: dict[str, Any]) -> dict[str, Any]:
+        """Everything needed to rebuild, evaluate and export the model: config, weights, vocabulary."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model_config": cfg.to_dict(),
+            "state_dict": {k: v.cpu() for k, v in state.items()},
+            "train_config": asdict(config),
+            "epoch": best["epoch"],
+            "metrics": {"valid": best["valid"], "test": best["test"]},
+            "item_ids": vocab.item_ids,
+            "item_counts": item_counts,
+            "data": data_info,
+        }
+
     model = MQSA(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     history: list[dict[str, float]] = []
@@ -231,6 +248,7 @@ def train(
                 best = {"epoch": epoch, "valid": valid, "test": evaluate_model(model, eval_sets["test"])}
                 best_state = copy.deepcopy(model.state_dict())
                 stale = 0
+                torch.save(checkpoint(best_state, best), out_dir / "best.pt")  # a crash keeps the best so far
             else:
                 stale += 1
         history.append(row)
@@ -240,20 +258,9 @@ def train(
             break
 
     model.load_state_dict(best_state)
-    checkpoint = {
-        "format": CHECKPOINT_FORMAT,
-        "model_config": cfg.to_dict(),
-        "state_dict": {k: v.cpu() for k, v in best_state.items()},
-        "train_config": asdict(config),
-        "epoch": best["epoch"],
-        "metrics": {"valid": best["valid"], "test": best["test"]},
-        "item_ids": vocab.item_ids,
-        "item_counts": popularity(split.train, cfg.num_items).astype(np.int64).tolist(),
-        "data": {"path": str(data_path), "sha256": file_sha256(data_path), "users": data.num_users},
-    }
-    torch.save(checkpoint, out_dir / "best.pt")
+    torch.save(checkpoint(best_state, best), out_dir / "best.pt")
     metrics = {
-        "data": checkpoint["data"],
+        "data": data_info,
         "model_config": cfg.to_dict(),
         "train_config": asdict(config),
         "device": str(device),
