@@ -117,6 +117,34 @@ def _export(args: argparse.Namespace) -> None:
     )
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import os
+
+    import uvicorn
+
+    # Every worker builds its app from the environment, so the flags travel through it.
+    os.environ["MQSA_BUNDLE_DIR"] = str(args.bundle)
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+        access_log=False,
+    )
+
+
+def _data_export_events(args: argparse.Namespace) -> None:
+    import os
+
+    from service.event_log import export_events_sync
+
+    url = args.redis_url or os.environ.get("MQSA_REDIS_URL", "redis://127.0.0.1:6379/0")
+    rows = export_events_sync(url, f"{args.prefix}:events", args.out)
+    print(f"wrote {rows} events to {args.out} (the raw log format `mqsa data prepare` reads)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mqsa", description="MQSA-TED sequential recommender.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw-log", action="store_true", help="also write interactions.csv for `data prepare`")
     p.set_defaults(func=_data_synth)
+    p = data_sub.add_parser("export-events", help="the service's event stream in Redis -> raw log CSV")
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--redis-url", default=None, help="default: $MQSA_REDIS_URL or redis://127.0.0.1:6379/0")
+    p.add_argument("--prefix", default="mqsa", help="the service's MQSA_REDIS_PREFIX")
+    p.set_defaults(func=_data_export_events)
     p = data_sub.add_parser("stats", help="users, items, actions, lengths, density")
     p.add_argument("path", help="sequence file")
     p.set_defaults(func=_data_stats)
@@ -187,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--popular-top", type=int, default=1000, help="items kept in popular.json")
     x.add_argument("--force", action="store_true", help="replace an existing bundle")
     x.set_defaults(func=_export)
+
+    s = sub.add_parser("serve", help="serve a bundle over HTTP (settings also from MQSA_* variables)")
+    s.add_argument("--bundle", required=True, help="bundle directory written by `mqsa export`")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=_serve)
 
     e = sub.add_parser("evaluate", help="full-ranking HR/NDCG@5/10/20 of a checkpoint, with baselines")
     e.add_argument("--checkpoint", required=True)

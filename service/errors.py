@@ -23,3 +23,9 @@ class InferenceError(ServiceError):
     """The encoder or the index failed on a request."""
 
     status_code = 500
+
+
+class StoreUnavailable(ServiceError):
+    """Redis, the history store, did not answer in time, refused or failed a command."""
+
+    status_code = 503

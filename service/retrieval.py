@@ -33,32 +33,29 @@ def blend(short: np.ndarray, long: np.ndarray, alpha: float) -> np.ndarray:
     return alpha * short + (1.0 - alpha) * long
 
 
-def top_items(
-    bundle: Bundle,
-    histories: list[list[int]],
-    n: int,
-    exclude: list[Collection[int]] | None = None,
-    alpha: float | None = None,
+def encode_histories(bundle: Bundle, histories: list[list[int]], alpha: float | None = None) -> np.ndarray:
+    """Blended query vectors for non-empty histories of item indices: (B, d)."""
+    short, long = bundle.encode(left_pad(histories, bundle.max_len, bundle.padding_idx))
+    return blend(short, long, bundle.alpha if alpha is None else alpha)
+
+
+def search_excluding(
+    bundle: Bundle, queries: np.ndarray, n: int, exclude: list[Collection[int]]
 ) -> list[list[tuple[int, float]]]:
-    """The n best items for each non-empty history, skipping excluded items.
+    """The n best items per query, skipping excluded ones.
 
     Searches n + |exclude| deep, and deeper when an approximate index returns
     fewer usable items, so n items come back whenever the catalogue allows.
 
     Args:
-        histories: per user, item indices oldest first (non-empty).
-        n: items wanted per user.
-        exclude: per user, item indices never to return.
-        alpha: the short-branch weight; the bundle's when None.
+        queries: (B, d) blended vectors.
+        exclude: per query, item indices never to return.
 
     Returns:
-        Per user, up to n (item_idx, score) pairs, best first.
+        Per query, up to n (item_idx, score) pairs, best first.
     """
-    exclude = exclude or [() for _ in histories]
-    short, long = bundle.encode(left_pad(histories, bundle.max_len, bundle.padding_idx))
-    queries = blend(short, long, bundle.alpha if alpha is None else alpha)  # (B, d)
     results: list[list[tuple[int, float]]] = []
-    for b in range(len(histories)):
+    for b in range(len(queries)):
         banned = set(exclude[b])
         depth = min(bundle.num_items, n + len(banned))
         while True:
@@ -73,3 +70,22 @@ def top_items(
             depth = min(bundle.num_items, depth * 2)
         results.append(picked)
     return results
+
+
+def top_items(
+    bundle: Bundle,
+    histories: list[list[int]],
+    n: int,
+    exclude: list[Collection[int]] | None = None,
+    alpha: float | None = None,
+) -> list[list[tuple[int, float]]]:
+    """Encode, blend and search for each non-empty history; see ``search_excluding``.
+
+    Args:
+        histories: per user, item indices oldest first (non-empty).
+        n: items wanted per user.
+        exclude: per user, item indices never to return.
+        alpha: the short-branch weight; the bundle's when None.
+    """
+    queries = encode_histories(bundle, histories, alpha)
+    return search_excluding(bundle, queries, n, exclude or [() for _ in histories])

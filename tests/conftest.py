@@ -48,3 +48,13 @@ def bundle_dir(trained_run: dict[str, Any], tmp_path_factory: pytest.TempPathFac
     out = tmp_path_factory.mktemp("bundles") / "current"
     export_bundle(trained_run["dir"] / "best.pt", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def second_bundle_dir(trained_run: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same model exported with an HNSW index: another model version to reload to."""
+    from training.export import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "next"
+    export_bundle(trained_run["dir"] / "best.pt", out, index="hnsw")
+    return out

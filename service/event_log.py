@@ -1,0 +1,118 @@
+"""Export the event stream written by :class:`service.store.HistoryStore` as a raw interaction log.
+
+The CSV has the header ``user_id,item_id,timestamp,event_id`` (one row per
+stream entry, in stream order, quoted by the csv module where needed), which
+the training side's raw-log reader (``training/prepare.py``, ``read_log``)
+accepts as it is: it needs ``user_id``, ``item_id`` and ``timestamp`` and
+ignores the rest. Never imports torch, ``models`` or ``training``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from service.store import connect, redis_errors
+
+COLUMNS = ("user_id", "item_id", "timestamp", "event_id")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def export_events(
+    redis: aioredis.Redis,
+    stream_key: str,
+    out_path: str | Path,
+    start: str = "-",
+    count: int = 10_000,
+    end: str = "+",
+) -> int:
+    """Page through the stream with XRANGE and write its entries as a CSV log.
+
+    The file is written next to ``out_path`` and renamed over it at the end, so
+    a failed export leaves no half-written log behind. A missing or empty stream
+    gives a file with the header only.
+
+    Args:
+        redis: an asyncio client.
+        stream_key: the stream, e.g. ``HistoryStore.stream_key``.
+        out_path: the CSV to write (replaced).
+        start: the first entry id to export (inclusive), ``-`` for the oldest.
+        count: entries fetched per XRANGE call.
+        end: the last entry id to export (inclusive), ``+`` for the newest.
+
+    Returns:
+        The number of rows written (the header not counted).
+
+    Raises:
+        ValueError: when ``count`` is below 1.
+        StoreUnavailable: when Redis fails.
+    """
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count!r}")
+    out_path = Path(out_path)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    rows = 0
+    try:
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(COLUMNS)
+            low = start
+            while True:
+                with redis_errors():
+                    entries = await redis.xrange(stream_key, min=low, max=end, count=count)
+                for _, fields in entries:
+                    fields = {_text(k): _text(v) for k, v in fields.items()}
+                    writer.writerow([fields.get(column, "") for column in COLUMNS])
+                rows += len(entries)
+                if len(entries) < count:
+                    break
+                low = f"({_text(entries[-1][0])}"  # exclusive: after the last entry read
+        tmp.replace(out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return rows
+
+
+def export_events_sync(
+    url: str,
+    stream_key: str,
+    out_path: str | Path,
+    start: str = "-",
+    count: int = 10_000,
+    end: str = "+",
+    timeout_seconds: float = 10.0,
+) -> int:
+    """:func:`export_events` from synchronous code (a CLI, a cron job): connects, exports, closes.
+
+    Args:
+        url: the Redis URL, as for :func:`service.store.connect`.
+        stream_key: the stream.
+        out_path: the CSV to write.
+        start: the first entry id (inclusive).
+        count: entries per XRANGE call.
+        end: the last entry id (inclusive).
+        timeout_seconds: the socket timeout; larger than the service's, pages are big.
+
+    Returns:
+        The number of rows written.
+
+    Raises:
+        StoreUnavailable: when Redis fails.
+    """
+
+    async def main() -> int:
+        client = connect(url, timeout_seconds=timeout_seconds, max_connections=1)
+        try:
+            return await export_events(client, stream_key, out_path, start=start, count=count, end=end)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())

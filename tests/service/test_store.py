@@ -1,0 +1,281 @@
+"""HistoryStore against a real Redis: order, caps, TTLs, de-duplication, concurrency, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from redis.crc import key_slot
+
+from service.errors import StoreUnavailable
+from service.store import AppendResult, Event, HistoryStore, connect
+
+# Generous against a loaded machine; the outage tests use the service's 0.5 s.
+TIMEOUT = 3.0
+
+
+def with_store(
+    url: str, prefix: str, body: Callable[..., Awaitable[Any]], timeout: float = TIMEOUT, **options: Any
+) -> Any:
+    """Run ``await body(store, client)`` in a fresh event loop with a fresh client."""
+
+    async def main() -> Any:
+        client = connect(url, timeout_seconds=timeout)
+        try:
+            return await body(HistoryStore(client, prefix=prefix, **options), client)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def events(user: str, items: list[str], **kwargs: Any) -> list[Event]:
+    return [Event(user, item, **kwargs) for item in items]
+
+
+def test_append_then_history_oldest_first(redis_url, key_prefix):
+    async def body(store, client):
+        first = await store.append(events("alice", ["a", "b"]))
+        second = await store.append([Event("alice", "c"), Event("bob", "x"), Event("alice", "d")])
+        return (
+            first,
+            second,
+            await store.history("alice", 10),
+            await store.history("alice", 2),
+            await store.history("bob", 10),
+            await store.history("alice", 0),
+            await store.history("nobody", 10),
+            await store.append([]),
+        )
+
+    first, second, alice, last_two, bob, none, nobody, empty = with_store(redis_url, key_prefix, body)
+    assert first == AppendResult(accepted=2, duplicates=0)
+    assert second == AppendResult(accepted=3, duplicates=0)
+    assert alice == ["a", "b", "c", "d"]
+    assert last_two == ["c", "d"]
+    assert bob == ["x"]
+    assert none == [] and nobody == []
+    assert empty == AppendResult(accepted=0, duplicates=0)
+
+
+def test_history_is_trimmed_to_the_cap(redis_url, key_prefix):
+    async def body(store, client):
+        await store.append(events("u", [f"i{n}" for n in range(3)]))
+        await store.append(events("u", [f"i{n}" for n in range(3, 8)]))
+        return await store.history("u", 100), await client.llen(store.items_key("u"))
+
+    history, length = with_store(redis_url, key_prefix, body, history_cap=5)
+    assert history == ["i3", "i4", "i5", "i6", "i7"]
+    assert length == 5
+
+
+def test_both_user_keys_get_the_ttl(redis_url, key_prefix):
+    async def body(store, client):
+        await store.append([Event("u", "a", event_id="e1")])
+        return await client.ttl(store.items_key("u")), await client.ttl(store.events_key("u"))
+
+    items_ttl, events_ttl = with_store(redis_url, key_prefix, body, ttl_seconds=100)
+    assert 0 < items_ttl <= 100
+    assert 0 < events_ttl <= 100
+
+
+def test_keys_carry_the_users_hash_tag(redis_url, key_prefix):
+    async def body(store, client):
+        await store.append([Event("alice", "a", event_id="e1")])
+        return sorted([key async for key in client.scan_iter(match=f"{key_prefix}*")]), store.stream_key
+
+    keys, stream_key = with_store(redis_url, key_prefix, body)
+    items, seen = f"{key_prefix}:{{u:alice}}:items", f"{key_prefix}:{{u:alice}}:events"
+    assert keys == sorted([items, seen, f"{key_prefix}:events"])
+    assert stream_key == f"{key_prefix}:events"
+    assert key_slot(items.encode()) == key_slot(seen.encode()) == key_slot(b"u:alice")
+
+
+def test_duplicate_event_ids_are_applied_once(redis_url, key_prefix):
+    async def body(store, client):
+        first = await store.append(
+            [Event("u", "a", event_id="e1"), Event("u", "b", event_id="e2"), Event("u", "a2", event_id="e1")]
+        )
+        resent = await store.append(
+            [Event("u", "b", event_id="e2"), Event("u", "c", event_id="e3"), Event("v", "b", event_id="e2")]
+        )
+        stream = await client.xrange(store.stream_key)
+        return first, resent, await store.history("u", 10), await store.history("v", 10), stream
+
+    first, resent, u, v, stream = with_store(redis_url, key_prefix, body)
+    assert first == AppendResult(accepted=2, duplicates=1)  # within one request
+    assert resent == AppendResult(accepted=2, duplicates=1)  # across requests; ids are per user
+    assert u == ["a", "b", "c"]
+    assert v == ["b"]
+    assert [(f["user_id"], f["item_id"], f["event_id"]) for _, f in stream] == [
+        ("u", "a", "e1"),
+        ("u", "b", "e2"),
+        ("u", "c", "e3"),
+        ("v", "b", "e2"),
+    ]
+
+
+def test_events_without_an_id_are_always_applied(redis_url, key_prefix):
+    async def body(store, client):
+        one = await store.append([Event("u", "a"), Event("u", "a"), Event("u", "a", event_id="")])
+        two = await store.append([Event("u", "a")])
+        return one, two, await store.history("u", 10), await client.xlen(store.stream_key)
+
+    one, two, history, stream_length = with_store(redis_url, key_prefix, body)
+    assert one == AppendResult(accepted=3, duplicates=0)
+    assert two == AppendResult(accepted=1, duplicates=0)
+    assert history == ["a", "a", "a", "a"]
+    assert stream_length == 4
+
+
+def test_event_ids_are_remembered_up_to_the_dedup_cap(redis_url, key_prefix):
+    async def body(store, client):
+        await store.append([Event("u", f"i{n}", event_id=f"e{n}") for n in range(5)])
+        size = await client.zcard(store.events_key("u"))
+        newest = await store.append([Event("u", "again", event_id="e4")])
+        oldest = await store.append([Event("u", "again", event_id="e0")])  # forgotten, so accepted
+        return size, newest, oldest
+
+    size, newest, oldest = with_store(redis_url, key_prefix, body, dedup_cap=3)
+    assert size == 3
+    assert newest == AppendResult(accepted=0, duplicates=1)
+    assert oldest == AppendResult(accepted=1, duplicates=0)
+
+
+def test_concurrent_appends_lose_nothing_and_keep_each_requests_order(redis_url, key_prefix):
+    rng = random.Random(0)
+    requests = [[f"r{r}-{k}" for k in range(rng.randint(1, 3))] for r in range(200)]
+
+    async def body(store, client):
+        results = await asyncio.gather(*(store.append(events("hot", items)) for items in requests))
+        return results, await store.history("hot", 10_000), await client.xlen(store.stream_key)
+
+    results, history, stream_length = with_store(redis_url, key_prefix, body, history_cap=10_000)
+    total = sum(len(items) for items in requests)
+    assert sum(r.accepted for r in results) == total and not any(r.duplicates for r in results)
+    assert len(history) == total and stream_length == total
+    assert sorted(history) == sorted(item for items in requests for item in items)
+    for items in requests:  # each request's events are contiguous and in order
+        start = history.index(items[0])
+        assert history[start : start + len(items)] == items
+
+
+def test_stream_entries_match_the_accepted_events(redis_url, key_prefix):
+    async def body(store, client):
+        before = time.time()
+        await store.append(
+            [Event("u", "a", timestamp=1_700_000_000.5, event_id="e1"), Event("v", "b"), Event("u", "c")]
+        )
+        after = time.time()
+        return before, after, await client.xrange(store.stream_key)
+
+    before, after, stream = with_store(redis_url, key_prefix, body)
+    fields = [f for _, f in stream]
+    assert [(f["user_id"], f["item_id"], f["event_id"]) for f in fields] == [
+        ("u", "a", "e1"),
+        ("u", "c", ""),
+        ("v", "b", ""),
+    ]  # grouped by user, in order of the users' first events
+    assert float(fields[0]["timestamp"]) == 1_700_000_000.5
+    assert before <= float(fields[1]["timestamp"]) == float(fields[2]["timestamp"]) <= after
+
+
+def test_stream_is_capped_near_maxlen(redis_url, key_prefix):
+    async def body(store, client):
+        for r in range(30):
+            await store.append([Event(f"u{r % 3}", f"i{r}-{k}") for k in range(10)])
+        stream = await client.xrange(store.stream_key, count=1000)
+        return stream, await client.xrevrange(store.stream_key, count=1)
+
+    stream, newest = with_store(redis_url, key_prefix, body, stream_maxlen=10)
+    assert 10 <= len(stream) <= 10 + 100  # MAXLEN ~ trims whole nodes (100 entries each by default)
+    assert newest[0][1]["item_id"] == "i29-9"
+
+
+def test_script_is_reloaded_after_script_flush(redis_server_factory):
+    server = redis_server_factory()
+
+    async def body(store, client):
+        await store.append([Event("u", "a")])
+        await client.script_flush()
+        result = await store.append([Event("u", "b", event_id="e"), Event("v", "c")])
+        return result, await store.history("u", 10), await store.history("v", 10)
+
+    result, u, v = with_store(server.url, "t", body)
+    assert result == AppendResult(accepted=2, duplicates=0)
+    assert u == ["a", "b"] and v == ["c"]
+
+
+def test_invalid_events_are_refused_before_redis(redis_url, key_prefix):
+    async def body(store, client):
+        for bad in (Event("", "a"), Event("u", ""), Event("u", "a", timestamp=float("nan"))):
+            with pytest.raises(ValueError):
+                await store.append([Event("u", "ok"), bad])
+        return await store.history("u", 10)
+
+    assert with_store(redis_url, key_prefix, body) == []
+    with pytest.raises(ValueError):
+        HistoryStore(None, history_cap=0)  # type: ignore[arg-type]
+
+
+def test_stopped_redis_fails_fast_and_recovers_after_restart(redis_server_factory):
+    server = redis_server_factory()
+
+    async def body(store, client):
+        assert await store.append([Event("u", "a")]) == AppendResult(1, 0)
+        assert await store.ping() is True
+        server.stop()
+        for call in (store.append([Event("u", "b")]), store.history("u", 10)):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="redis unavailable") as info:
+                await call
+            assert time.monotonic() - started < 2.0
+            assert info.value.status_code == 503 and info.value.__cause__ is not None
+        assert await store.ping() is False
+        server.start()  # empty again: nothing is persisted
+        assert await store.ping() is True
+        assert await store.append([Event("u", "c")]) == AppendResult(1, 0)
+        return await store.history("u", 10)
+
+    assert with_store(server.url, "t", body, timeout=0.5) == ["c"]
+
+
+def test_hung_redis_fails_within_the_timeout(redis_server_factory):
+    server = redis_server_factory()
+
+    async def body(store, client):
+        await store.append([Event("u", "a")])  # opens a pooled connection
+        server.pause()
+        try:
+            for call in (store.append([Event("u", "b")]), store.history("u", 10)):
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable):
+                    await call
+                assert time.monotonic() - started < 2.0
+        finally:
+            server.resume()
+        return await store.history("u", 10)
+
+    # The timed-out append may still have run once Redis woke up: clients resend with event ids.
+    assert with_store(server.url, "t", body, timeout=0.5) in (["a"], ["a", "b"])
+
+
+def test_applied_flags_follow_request_order_across_users(redis_url, key_prefix):
+    async def body(store: HistoryStore, client) -> AppendResult:
+        await store.append([Event("a", "x", event_id="1")])
+        return await store.append(
+            [
+                Event("b", "y", event_id="1"),
+                Event("a", "z", event_id="1"),  # seen before for user a
+                Event("a", "w", event_id="2"),
+                Event("b", "v", event_id="1"),  # seen earlier in this request for user b
+            ]
+        )
+
+    result = with_store(redis_url, key_prefix, body)
+    assert result.applied == [True, False, True, False]
+    assert (result.accepted, result.duplicates) == (2, 2)
