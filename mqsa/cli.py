@@ -14,6 +14,7 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
+from pathlib import Path
 
 
 def _data_prepare(args: argparse.Namespace) -> None:
@@ -145,6 +146,19 @@ def _data_export_events(args: argparse.Namespace) -> None:
     print(f"wrote {rows} events to {args.out} (the raw log format `mqsa data prepare` reads)")
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from mqsa.demo import run_demo
+
+    run_demo(
+        args.workdir,
+        data=args.data,
+        epochs=args.epochs,
+        port=args.port,
+        redis_url=args.redis_url,
+        keep_running=not args.no_wait,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mqsa", description="MQSA-TED sequential recommender.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=_serve)
 
+    d = sub.add_parser("demo", help="synthetic data -> train -> export -> Redis -> serve -> a recommendation")
+    d.add_argument("--data", type=Path, default=None, help="a sequence file instead of synthetic data")
+    d.add_argument("--workdir", type=Path, default=Path("demo"), help="where data, run and bundle go")
+    d.add_argument("--epochs", type=int, default=10)
+    d.add_argument("--port", type=int, default=8000)
+    d.add_argument("--redis-url", default=None, help="default: $MQSA_REDIS_URL, else a throwaway Redis")
+    d.add_argument("--no-wait", action="store_true", help="stop the service after the recommendation")
+    d.set_defaults(func=_demo)
+
     e = sub.add_parser("evaluate", help="full-ranking HR/NDCG@5/10/20 of a checkpoint, with baselines")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", required=True, help="the sequence file it was trained on")
@@ -241,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
         # Bad input (DataError is a ValueError): one clear line, no traceback.
         print(f"mqsa: error: {exc}", file=sys.stderr)
         return 2

@@ -81,7 +81,7 @@ async def post_events(
         Event(e.user_id, e.item_id, e.timestamp if e.timestamp is not None else now, e.event_id)
         for e in body.events
     ]
-    with metrics.time_stage("redis"):
+    with metrics.time_stage("redis_append"):
         result = await store.append(events)
     known = registry.bundle.item_index
     unknown = sum(1 for e, ok in zip(events, result.applied, strict=True) if ok and e.item_id not in known)

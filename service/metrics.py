@@ -27,7 +27,7 @@ class Metrics:
         )
         self.stage = Histogram(
             "mqsa_stage_seconds",
-            "Time in each stage of a request: redis, encoder, search",
+            "Time in each stage: redis (history read), redis_append, encoder, search",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,

@@ -1,0 +1,268 @@
+"""Load test of the service: ingestion, constant-rate latency, the most requests/s, time per stage.
+
+    python bench/load_test.py --bundle bundles/beauty --data ../shared/data/beauty.txt
+
+What it does, on this machine only (loopback; every loop is bounded in time):
+1. starts `mqsa serve` (``--workers``) against the local Redis with a key prefix of its own;
+2. posts every user's training sequence (all items but the last two) through
+   POST /events in batches of 100 events, from an asyncio client with 16
+   connections, and reports events/s;
+3. `hey` at a constant ``--rate`` requests/s of POST /recommend for ``--duration``
+   seconds (one typical user: a history of the median length): p50, p95, p99, errors;
+4. `wrk` (closed loop, a Lua script rotating over all users) at several
+   connection counts: the most requests/s with zero errors, and its p99;
+5. the mean time per stage (Redis, encoder, search, the rest) from the
+   service's Prometheus histograms over the runs above.
+The generator runs on the same 2 cores as the service. The markdown table
+goes to stdout and, with ``--out``, to a file. Keys under its prefix are
+deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_ready(url: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError("the service did not become ready")
+
+
+def read_users(data: Path, item_ids: list[str]) -> dict[str, list[str]]:
+    users = {}
+    for line in data.read_text().splitlines():
+        user, *items = line.split()
+        users[f"u{user}"] = [item_ids[int(i)] for i in items[:-2]]
+    return users
+
+
+async def ingest(
+    url: str, users: dict[str, list[str]], batch: int = 100, connections: int = 16
+) -> tuple[int, float]:
+    events = [{"user_id": u, "item_id": i} for u, items in users.items() for i in items]
+    bodies = [{"events": events[k : k + batch]} for k in range(0, len(events), batch)]
+    queue: asyncio.Queue = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    failures = 0
+
+    async def sender(client: httpx.AsyncClient) -> None:
+        nonlocal failures
+        while not queue.empty():
+            body = queue.get_nowait()
+            r = await client.post("/events", json=body)
+            failures += r.status_code != 200
+
+    limits = httpx.Limits(max_connections=connections)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(sender(client) for _ in range(connections)))
+        seconds = time.perf_counter() - start
+    if failures:
+        raise RuntimeError(f"{failures} /events requests failed")
+    return len(events), seconds
+
+
+def hey(url: str, body: str, rate: int, duration: int) -> dict[str, float]:
+    workers = max(1, rate // 10)
+    out = subprocess.run(
+        [
+            "hey",
+            "-z",
+            f"{duration}s",
+            "-q",
+            "10",
+            "-c",
+            str(workers),
+            "-m",
+            "POST",
+            "-T",
+            "application/json",
+            "-d",
+            body,
+            f"{url}/recommend",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=duration + 60,
+    ).stdout
+    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+    for pct in ("50", "95", "99"):
+        result[f"p{pct}"] = float(re.search(rf"{pct}% in ([\d.]+) secs", out).group(1)) * 1000
+    codes = dict(re.findall(r"\[(\d+)\]\s+(\d+) responses", out))
+    result["ok"] = int(codes.get("200", 0))
+    result["errors"] = sum(int(v) for k, v in codes.items() if k != "200") + out.count("Error distribution")
+    return result
+
+
+WRK_SCRIPT = """
+local users = {}
+for line in io.lines("%s") do users[#users + 1] = line end
+local i = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  i = i %% #users + 1
+  return wrk.format(nil, "/recommend", nil, '{"user_id": "' .. users[i] .. '", "n": 10}')
+end
+local errors = 0
+response = function(status) if status ~= 200 then errors = errors + 1 end end
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %%d %%d %%.3f %%.3f %%.3f\\n", summary.requests, summary.errors.status
+    + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, summary.duration / 1e6))
+end
+"""
+
+
+def wrk(url: str, users: list[str], connections: int, duration: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "users.txt").write_text("\n".join(users) + "\n")
+        script = Path(tmp) / "rotate.lua"
+        script.write_text(WRK_SCRIPT % (Path(tmp) / "users.txt"))
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "-s", str(script), url],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=duration + 60,
+        ).stdout
+    requests_, errors, p50, p99, seconds = re.search(
+        r"RESULT (\d+) (\d+) ([\d.]+) ([\d.]+) ([\d.]+)", out
+    ).groups()
+    return {
+        "connections": connections,
+        "rps": int(requests_) / float(seconds),
+        "errors": int(errors),
+        "p50": float(p50),
+        "p99": float(p99),
+    }
+
+
+def stage_means(metrics_text: str) -> dict[str, float]:
+    """Mean ms per stage and per /recommend request from the Prometheus text."""
+
+    def value(pattern: str) -> float:
+        found = re.findall(pattern + r" ([\d.e+-]+)", metrics_text)
+        return sum(float(v) for v in found)
+
+    out = {}
+    for stage in ("redis", "encoder", "search"):
+        count = value(rf'mqsa_stage_seconds_count{{stage="{stage}"}}')
+        out[stage] = 1000 * value(rf'mqsa_stage_seconds_sum{{stage="{stage}"}}') / max(count, 1)
+    route = r'{method="POST",route="/recommend",status="200"}'
+    count = value(re.escape("mqsa_request_seconds_count" + route))
+    out["request"] = 1000 * value(re.escape("mqsa_request_seconds_sum" + route)) / max(count, 1)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--bundle", required=True, type=Path)
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--rate", type=int, default=300)
+    parser.add_argument("--duration", type=int, default=30)
+    parser.add_argument("--connections", type=int, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    url = f"http://127.0.0.1:{args.port}"
+    env = {**os.environ, "MQSA_REDIS_URL": args.redis_url, "MQSA_REDIS_PREFIX": prefix}
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mqsa.cli",
+            "serve",
+            "--bundle",
+            str(args.bundle),
+            "--port",
+            str(args.port),
+            "--workers",
+            str(args.workers),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+    )
+    rows: list[str] = []
+    try:
+        wait_ready(url)
+        item_ids = json.loads((args.bundle / "items.json").read_text())["item_ids"]
+        users = read_users(args.data, item_ids)
+        events, seconds = asyncio.run(ingest(url, users))
+        rows.append(
+            f"| /events ingestion, batches of 100 | {events / seconds:,.0f} events/s ({events:,} events in {seconds:.1f} s) |"
+        )
+        lengths = sorted(len(v) for v in users.values())
+        median = lengths[len(lengths) // 2]
+        typical = next(u for u, items in users.items() if len(items) == median)
+        constant = hey(url, json.dumps({"user_id": typical, "n": 10}), args.rate, args.duration)
+        rows.append(
+            f"| /recommend at {args.rate} req/s for {args.duration} s (hey) | p50 {constant['p50']:.2f} ms, "
+            f"p95 {constant['p95']:.2f} ms, p99 {constant['p99']:.2f} ms, {constant['rps']:.0f} req/s achieved, "
+            f"{constant['errors']} errors of {constant['ok'] + constant['errors']} |"
+        )
+        runs = [wrk(url, list(users), c, args.duration) for c in args.connections]
+        for run in runs:
+            rows.append(
+                f"| /recommend closed loop, {run['connections']} connections (wrk) | {run['rps']:,.0f} req/s, "
+                f"p50 {run['p50']:.2f} ms, p99 {run['p99']:.2f} ms, {run['errors']} errors |"
+            )
+        clean = [r for r in runs if r["errors"] == 0]
+        if clean:
+            best = max(clean, key=lambda r: r["rps"])
+            rows.append(
+                f"| most req/s with zero errors | {best['rps']:,.0f} req/s (p99 {best['p99']:.2f} ms) |"
+            )
+        stages = stage_means(httpx.get(f"{url}/metrics").text)
+        rest = stages["request"] - stages["redis"] - stages["encoder"] - stages["search"]
+        rows.append(
+            f"| mean time per /recommend stage | Redis {stages['redis']:.3f} ms, encoder {stages['encoder']:.3f} ms, "
+            f"search {stages['search']:.3f} ms, the rest {rest:.3f} ms (of {stages['request']:.3f} ms) |"
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        client = redis.Redis.from_url(args.redis_url)
+        keys = list(client.scan_iter(match=f"{prefix}*", count=5000))
+        for k in range(0, len(keys), 1000):
+            client.delete(*keys[k : k + 1000])
+    table = f"workers: {args.workers}\n\n| what | measured |\n|---|---|\n" + "\n".join(rows) + "\n"
+    print(table)
+    if args.out:
+        args.out.write_text(table)
+
+
+if __name__ == "__main__":
+    main()
