@@ -144,20 +144,30 @@ def redis_errors() -> Iterator[None]:
         raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
 
 
-def connect(url: str, timeout_seconds: float = 0.5, max_connections: int = 64) -> aioredis.Redis:
+def connect(
+    url: str,
+    timeout_seconds: float = 0.5,
+    max_connections: int = 64,
+    pool_timeout_seconds: float = 2.0,
+    connect_timeout_seconds: float = 2.0,
+) -> aioredis.Redis:
     """An asyncio Redis client for the store, with its own bounded connection pool.
 
-    Every socket operation (connect, send, read) times out after
-    ``timeout_seconds``, and so does waiting for a free connection when all
-    ``max_connections`` are busy; nothing is retried (a retried pipeline could
+    Every send and read times out after ``timeout_seconds``, opening a
+    connection after ``connect_timeout_seconds`` (a burst opens many at once);
+    waiting for a free connection when all
+    ``max_connections`` are busy times out after ``pool_timeout_seconds`` (a
+    burst of requests queues briefly instead of failing); nothing is retried (a retried pipeline could
     apply events twice, and a hung Redis must fail a request, not stall it).
     Replies are decoded to ``str``. Close it with ``await client.aclose()``,
     which also closes the pool. No connection is opened until the first command.
 
     Args:
         url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` or ``unix://``.
-        timeout_seconds: the limit on each socket operation and on waiting for a connection.
+        timeout_seconds: the limit on each socket operation.
         max_connections: the most connections the pool opens.
+        pool_timeout_seconds: the limit on waiting for a free connection.
+        connect_timeout_seconds: the limit on opening a connection.
 
     Returns:
         The client; it owns the pool.
@@ -165,9 +175,9 @@ def connect(url: str, timeout_seconds: float = 0.5, max_connections: int = 64) -
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
-        timeout=timeout_seconds,
+        timeout=pool_timeout_seconds,
         socket_timeout=timeout_seconds,
-        socket_connect_timeout=timeout_seconds,
+        socket_connect_timeout=connect_timeout_seconds,
         decode_responses=True,
         retry=Retry(NoBackoff(), 0),
     )
