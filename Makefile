@@ -35,3 +35,7 @@ reproduce: ## train MQSA-TED and SASRec on Beauty and Sports (hours; writes docs
 
 clean: ## remove caches and build outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info
+
+.PHONY: deploy-check
+deploy-check: ## hadolint the Dockerfile; render and schema-validate the Kubernetes manifests
+	$(PY) -m pytest tests/deploy -q -p no:cacheprovider
