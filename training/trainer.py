@@ -20,6 +20,7 @@ import torch
 
 from models.mqsa import MQSA, MQSAConfig
 from training import report
+from training.distributed import World
 from training.errors import DataError
 from training.evaluation import (
     baseline_metrics,
@@ -166,6 +167,10 @@ def train(
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    world = World.from_env(device.type)
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    progress = progress and world.is_main
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -218,12 +223,16 @@ def train(
             range(0, len(order), config.batch_size), f"epoch {epoch}/{config.epochs}", progress
         )
         for n, start in enumerate(batches, start=1):
-            inputs, targets = examples.batch(order[start : start + config.batch_size], device)
+            rows = order[start : start + config.batch_size]
+            if len(rows) < world.size:  # a last batch too small to give every process a row
+                continue
+            inputs, targets = examples.batch(world.shard(rows), device)
             loss, values = mqsa_loss(
                 model, inputs, targets, teacher, config.lambda_kd, config.tau, config.l2, config.chunk, dtype
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            world.average_gradients(model)
             optimizer.step()
             sums += (values.total, values.rec, values.kd, values.l2)
             if progress:
@@ -248,17 +257,22 @@ def train(
                 best = {"epoch": epoch, "valid": valid, "test": evaluate_model(model, eval_sets["test"])}
                 best_state = copy.deepcopy(model.state_dict())
                 stale = 0
-                torch.save(checkpoint(best_state, best), out_dir / "best.pt")  # a crash keeps the best so far
+                if world.is_main:
+                    torch.save(
+                        checkpoint(best_state, best), out_dir / "best.pt"
+                    )  # a crash keeps the best so far
             else:
                 stale += 1
         history.append(row)
         report.epoch_line(row, best["epoch"] == epoch, progress)
-        report.write_history(history, out_dir / "history.csv")  # watchable while a long run goes on
+        if world.is_main:
+            report.write_history(history, out_dir / "history.csv")  # watchable while a long run goes on
         if config.patience and stale >= config.patience:
             break
 
+    replica_checksums = world.checksums(model)  # the final weights of every process, before loading the best
     model.load_state_dict(best_state)
-    torch.save(checkpoint(best_state, best), out_dir / "best.pt")
+    world.close()
     metrics = {
         "data": data_info,
         "model_config": cfg.to_dict(),
@@ -272,7 +286,11 @@ def train(
         "seconds_per_epoch": train_seconds / max(1, len(history)),
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - started,
+        "distributed": {"world_size": world.size, "replica_checksums": replica_checksums},
     }
+    if not world.is_main:
+        return metrics
+    torch.save(checkpoint(best_state, best), out_dir / "best.pt")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     report.plot_curves(history, out_dir / "curves.png")
     if progress:

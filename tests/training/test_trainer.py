@@ -91,3 +91,20 @@ def test_nothing_to_train_on_is_a_clear_error(tmp_path) -> None:
 def test_bad_train_config(field: str, value) -> None:
     with pytest.raises(ValueError):
         TrainConfig(**{field: value})
+
+
+def test_two_processes_end_with_identical_weights(synthetic_data, tmp_path) -> None:
+    """torchrun with 2 CPU processes (gloo): gradients averaged, replicas identical at the end."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "mqsa.cli", "train", "--data", str(synthetic_data), "--out", str(out), "--epochs", "2"]
+    cmd += ["--max-len", "10", "--hidden-size", "16", "--threads", "1", "--quiet"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    sums = metrics["distributed"]["replica_checksums"]
+    assert metrics["distributed"]["world_size"] == 2 and len(sums) == 2 and sums[0] == sums[1]
+    assert metrics["test"]["NDCG@10"] > 2 * metrics["baselines"]["Popularity"]["test"]["NDCG@10"]
