@@ -224,6 +224,17 @@ def main() -> None:
         rows.append(
             f"| /events ingestion, batches of 100 | {events / seconds:,.0f} events/s ({events:,} events in {seconds:.1f} s) |"
         )
+        sample = list(users)[:: max(1, len(users) // 500)]
+        client = redis.Redis.from_url(args.redis_url)
+        per_user = [
+            sum(client.memory_usage(f"{prefix}:{{u:{u}}}:{kind}") or 0 for kind in ("items", "events")) for u in sample
+        ]
+        events_per_user = sum(len(users[u]) for u in sample) / len(sample)
+        stream_bytes = client.memory_usage(f"{prefix}:events") or 0
+        rows.append(
+            f"| Redis memory per user | {sum(per_user) / len(per_user):,.0f} bytes (mean over {len(sample)} users "
+            f"with {events_per_user:.1f} events each, no event ids); stream {stream_bytes / events:,.0f} bytes/event |"
+        )
         lengths = sorted(len(v) for v in users.values())
         median = lengths[len(lengths) // 2]
         typical = next(u for u, items in users.items() if len(items) == median)

@@ -37,6 +37,7 @@ import torch
 
 from models.mqsa import MQSA
 from training.errors import DataError
+from training.trainer import file_sha256
 
 BUNDLE_FORMAT = 1
 ONNX_OPSET = 18
@@ -123,14 +124,6 @@ def index_params(
     return {}
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_json(path: Path, payload: Any) -> None:
     path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
 
@@ -185,7 +178,7 @@ def export_bundle(
             {"item_ids": [item_ids[i] for i in order], "counts": counts[order].tolist()},
         )
         files = {
-            name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+            name: {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
             for name in ("encoder.onnx", "items.faiss", "items.json", "popular.json")
         }
         version = hashlib.sha256("".join(f["sha256"] for f in files.values()).encode()).hexdigest()[:16]
