@@ -108,11 +108,11 @@ def window_mean(h: torch.Tensor, mask: torch.Tensor, window: int, decay: float =
     Returns:
         (B, T, D) windowed mean; zero where the window holds no real item.
     """
-    total = h * mask  # (B, T, D)
-    count = mask  # (B, T, 1)
+    masked = h * mask  # (B, T, D)
+    total, count = masked, mask
     for k in range(1, window):
         w = decay**k
-        shifted_h = F.pad(h * mask, (0, 0, k, 0))[:, :-k]  # (B, T, D): slot t holds t-k
+        shifted_h = F.pad(masked, (0, 0, k, 0))[:, :-k]  # (B, T, D): slot t holds t-k
         shifted_m = F.pad(mask, (0, 0, k, 0))[:, :-k]  # (B, T, 1)
         total = total + w * shifted_h
         count = count + w * shifted_m
