@@ -299,3 +299,23 @@ def test_production_refuses_unsafe_settings(bundle_dir) -> None:
         Settings(bundle_dir=bundle_dir, environment="production", api_keys="short")
     ok = Settings(bundle_dir=bundle_dir, environment="production", api_keys=f"{KEY},{KEY}x")
     assert len(ok.api_keys) == 2
+
+
+def test_watch_reloads_a_bundle_renamed_into_place(
+    bundle_dir, second_bundle_dir, redis_url, key_prefix, tmp_path
+) -> None:
+    import time
+
+    current = Path(shutil.copytree(bundle_dir, tmp_path / "current"))
+    new_version = json.loads((second_bundle_dir / "manifest.json").read_text())["model_version"]
+    settings = make_settings(current, redis_url, key_prefix, watch_bundle=True, watch_interval_seconds=0.1)
+    with TestClient(create_app(settings)) as c:
+        old_version = c.get("/model").json()["model_version"]
+        staged = Path(shutil.copytree(second_bundle_dir, tmp_path / ".staged"))
+        current.rename(tmp_path / "old")
+        staged.rename(current)  # how `mqsa export` puts a bundle in place
+        deadline = time.time() + 10
+        while time.time() < deadline and c.get("/model").json()["model_version"] == old_version:
+            time.sleep(0.1)
+        assert c.get("/model").json()["model_version"] == new_version
+        assert c.post("/recommend", json={"user_id": "w", "n": 3}).status_code == 200
