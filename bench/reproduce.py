@@ -87,6 +87,16 @@ def build_table() -> str:
                 + f" | {ratio:.3f}{flag} | {m['best_epoch']}/{m['epochs_run']} | {m['seconds_per_epoch']:.1f}"
                 + f" | {m['wall_seconds'] / 60:.0f} min |"
             )
+    lines.append("")
+    for data in ("beauty", "sports"):
+        paths = [RESULTS / f"{data}-{key}" / "metrics.json" for key in MODELS]
+        if all(p.exists() for p in paths):
+            ours, sasrec = (json.loads(p.read_text())["test"] for p in paths)
+            better = [c for c in COLUMNS if ours[c] > sasrec[c]]
+            lines.append(
+                f"- {data}: MQSA-TED above SASRec (same code) on {len(better)}/{len(COLUMNS)} metrics; "
+                f"NDCG@20 {ours['NDCG@20']:.4f} vs {sasrec['NDCG@20']:.4f}."
+            )
     lines += [
         "",
         "Machine: the run's `device` and thread count are in each `bench/results/*/metrics.json`.",
