@@ -227,7 +227,8 @@ def main() -> None:
         sample = list(users)[:: max(1, len(users) // 500)]
         client = redis.Redis.from_url(args.redis_url)
         per_user = [
-            sum(client.memory_usage(f"{prefix}:{{u:{u}}}:{kind}") or 0 for kind in ("items", "events")) for u in sample
+            sum(client.memory_usage(f"{prefix}:{{u:{u}}}:{kind}") or 0 for kind in ("items", "events"))
+            for u in sample
         ]
         events_per_user = sum(len(users[u]) for u in sample) / len(sample)
         stream_bytes = client.memory_usage(f"{prefix}:events") or 0
