@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import time
 from typing import Annotated
 
@@ -13,7 +14,7 @@ from service.errors import ServiceError, StoreUnavailable
 from service.metrics import Metrics
 from service.recommender import recommend
 from service.registry import ModelRegistry
-from service.schemas import EventsIn, EventsOut, RecommendIn, RecommendOut, ReloadIn, ScoredItem
+from service.schemas import EventsIn, EventsOut, RecommendIn, RecommendOut, ReloadIn
 from service.settings import Settings
 from service.store import Event, HistoryStore
 
@@ -90,10 +91,15 @@ async def post_events(
     return EventsOut(accepted=result.accepted, duplicates=result.duplicates, unknown_items=unknown)
 
 
-@router.post("/recommend", response_model=RecommendOut, summary="Top-n items for a user")
+@router.post(
+    "/recommend",
+    response_model=None,
+    responses={200: {"model": RecommendOut, "description": "the recommended items"}},
+    summary="Top-n items for a user",
+)
 async def post_recommend(
     body: RecommendIn, store: StoreDep, registry: RegistryDep, metrics: MetricsDep, settings: SettingsDep
-) -> RecommendOut:
+) -> Response:
     """Reads the stored history (or uses ``recent_items``), encodes, blends, searches, filters.
 
     With no usable history the bundle's popular items answer (``source: popular``).
@@ -116,13 +122,15 @@ async def post_recommend(
         if body.recent_items is not None:
             exclude.update(body.recent_items)
     result = recommend(bundle, history, body.n, exclude, body.alpha, metrics)
-    return RecommendOut(
-        user_id=body.user_id,
-        items=[ScoredItem(item_id=i, score=s) for i, s in result.items],
-        model_version=bundle.model_version,
-        source=result.source,
-        degraded=degraded,
-    )
+    # The hot path: serialised directly, not re-validated (the shape is RecommendOut's).
+    payload = {
+        "user_id": body.user_id,
+        "items": [{"item_id": i, "score": s} for i, s in result.items],
+        "model_version": bundle.model_version,
+        "source": result.source,
+        "degraded": degraded,
+    }
+    return Response(content=json.dumps(payload, separators=(",", ":")), media_type="application/json")
 
 
 @router.get("/healthz", summary="The process is alive")
