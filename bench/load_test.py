@@ -37,18 +37,9 @@ import httpx
 import redis
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-
-def wait_ready(url: str, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError("the service did not become ready")
+from mqsa.demo import wait_ready  # noqa: E402
 
 
 def read_users(data: Path, item_ids: list[str]) -> dict[str, list[str]]:
@@ -252,7 +243,7 @@ def main() -> None:
     )
     rows: list[str] = []
     try:
-        wait_ready(url)
+        wait_ready(url, server)
         item_ids = json.loads((args.bundle / "items.json").read_text())["item_ids"]
         users = read_users(args.data, item_ids)
         events, seconds = asyncio.run(ingest(url, users))

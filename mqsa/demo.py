@@ -67,12 +67,13 @@ def _wait_for_port(port: int, timeout: float = 20) -> None:
     raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
+    """Poll ``url``/readyz until it answers 200; fail early if ``proc`` (the service) exits."""
     import httpx
 
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the service exited with code {proc.returncode}")
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
@@ -124,7 +125,7 @@ def run_demo(
         env=env,
     )  # fmt: skip
     try:
-        _wait_ready(url, server)
+        wait_ready(url, server)
         items = json.loads((workdir / "bundles" / "current" / "items.json").read_text())["item_ids"]
         first_user = Path(data).read_text().split("\n", 1)[0].split()
         history = [items[int(i)] for i in first_user[1:6]]
