@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mqsa.demo import wait_ready  # noqa: E402
+from service.store import bucket_of, stream_keys  # noqa: E402
 
 
 def read_users(data: Path, item_ids: list[str]) -> dict[str, list[str]]:
@@ -252,12 +253,16 @@ def main() -> None:
         )
         sample = list(users)[:: max(1, len(users) // 500)]
         client = redis.Redis.from_url(args.redis_url)
+        shards = int(os.environ.get("MQSA_STREAM_SHARDS", "16"))
         per_user = [
-            sum(client.memory_usage(f"{prefix}:{{u:{u}}}:{kind}") or 0 for kind in ("items", "events"))
+            sum(
+                client.memory_usage(f"{prefix}:{{b{bucket_of(u, shards)}}}:u:{u}:{kind}") or 0
+                for kind in ("items", "events")
+            )
             for u in sample
         ]
         events_per_user = sum(len(users[u]) for u in sample) / len(sample)
-        stream_bytes = client.memory_usage(f"{prefix}:events") or 0
+        stream_bytes = sum(client.memory_usage(k) or 0 for k in stream_keys(prefix, shards))
         rows.append(
             f"| Redis memory per user | {sum(per_user) / len(per_user):,.0f} bytes (mean over {len(sample)} users "
             f"with {events_per_user:.1f} events each, no event ids); stream {stream_bytes / events:,.0f} bytes/event |"

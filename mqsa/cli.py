@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -119,8 +120,6 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    import os
-
     import uvicorn
 
     # Every worker builds its app from the environment, so the flags travel through it.
@@ -137,12 +136,11 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _data_export_events(args: argparse.Namespace) -> None:
-    import os
-
     from service.event_log import export_events_sync
+    from service.store import stream_keys
 
     url = args.redis_url or os.environ.get("MQSA_REDIS_URL", "redis://127.0.0.1:6379/0")
-    rows = export_events_sync(url, f"{args.prefix}:events", args.out)
+    rows = export_events_sync(url, stream_keys(args.prefix, args.stream_shards), args.out)
     print(f"wrote {rows} events to {args.out} (the raw log format `mqsa data prepare` reads)")
 
 
@@ -187,7 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_sub.add_parser("export-events", help="the service's event stream in Redis -> raw log CSV")
     p.add_argument("--out", required=True, help="CSV file to write")
     p.add_argument("--redis-url", default=None, help="default: $MQSA_REDIS_URL or redis://127.0.0.1:6379/0")
-    p.add_argument("--prefix", default="mqsa", help="the service's MQSA_REDIS_PREFIX")
+    p.add_argument("--prefix", default=os.environ.get("MQSA_REDIS_PREFIX", "mqsa"), help="MQSA_REDIS_PREFIX")
+    p.add_argument(
+        "--stream-shards",
+        type=int,
+        default=int(os.environ.get("MQSA_STREAM_SHARDS", "16")),
+        help="the service's MQSA_STREAM_SHARDS (default 16)",
+    )
     p.set_defaults(func=_data_export_events)
     p = data_sub.add_parser("stats", help="users, items, actions, lengths, density")
     p.add_argument("path", help="sequence file")

@@ -141,6 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             history_cap=settings.history_cap,
             ttl_seconds=settings.history_ttl_seconds,
             stream_maxlen=settings.stream_maxlen,
+            stream_shards=settings.stream_shards,
         )
         metrics.set_model(registry.bundle.model_version)
         watcher = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,17 @@ def _text(value: Any) -> str:
 
 async def export_events(
     redis: aioredis.Redis,
-    stream_key: str,
+    stream_key: str | Sequence[str],
     out_path: str | Path,
     start: str = "-",
     count: int = 10_000,
     end: str = "+",
 ) -> int:
-    """Page through the stream with XRANGE and write its entries as a CSV log.
+    """Page through the stream(s) with XRANGE and write their entries as a CSV log.
+
+    Several streams (the store's buckets) are written one after the other; a
+    user lives in one bucket, so each user's events keep their order, and
+    ``mqsa data prepare`` orders every user's events by timestamp anyway.
 
     The file is written next to ``out_path`` and renamed over it at the end, so
     a failed export leaves no half-written log behind. A missing or empty stream
@@ -42,7 +47,7 @@ async def export_events(
 
     Args:
         redis: an asyncio client.
-        stream_key: the stream, e.g. ``HistoryStore.stream_key``.
+        stream_key: a stream or a list of them, e.g. ``HistoryStore.stream_keys``.
         out_path: the CSV to write (replaced).
         start: the first entry id to export (inclusive), ``-`` for the oldest.
         count: entries fetched per XRANGE call.
@@ -64,17 +69,18 @@ async def export_events(
         with tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(COLUMNS)
-            low = start
-            while True:
-                with redis_errors():
-                    entries = await redis.xrange(stream_key, min=low, max=end, count=count)
-                for _, fields in entries:
-                    fields = {_text(k): _text(v) for k, v in fields.items()}
-                    writer.writerow([fields.get(column, "") for column in COLUMNS])
-                rows += len(entries)
-                if len(entries) < count:
-                    break
-                low = f"({_text(entries[-1][0])}"  # exclusive: after the last entry read
+            for key in [stream_key] if isinstance(stream_key, str) else stream_key:
+                low = start
+                while True:
+                    with redis_errors():
+                        entries = await redis.xrange(key, min=low, max=end, count=count)
+                    for _, fields in entries:
+                        fields = {_text(k): _text(v) for k, v in fields.items()}
+                        writer.writerow([fields.get(column, "") for column in COLUMNS])
+                    rows += len(entries)
+                    if len(entries) < count:
+                        break
+                    low = f"({_text(entries[-1][0])}"  # exclusive: after the last entry read
         tmp.replace(out_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -83,7 +89,7 @@ async def export_events(
 
 def export_events_sync(
     url: str,
-    stream_key: str,
+    stream_key: str | Sequence[str],
     out_path: str | Path,
     start: str = "-",
     count: int = 10_000,
@@ -94,7 +100,7 @@ def export_events_sync(
 
     Args:
         url: the Redis URL, as for :func:`service.store.connect`.
-        stream_key: the stream.
+        stream_key: a stream or a list of them.
         out_path: the CSV to write.
         start: the first entry id (inclusive).
         count: entries per XRANGE call.

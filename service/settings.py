@@ -24,7 +24,8 @@ class Settings(BaseSettings):
         redis_timeout_seconds: socket timeout of every Redis call.
         history_cap: items kept per user (more than the model's T).
         history_ttl_seconds: a user's history expires after this long without events.
-        stream_maxlen: approximate bound of the event stream.
+        stream_maxlen: approximate bound of the event streams together.
+        stream_shards: buckets (hash-tag slots, one stream each) users are spread over.
         onnx_threads: onnxruntime threads per worker.
         faiss_threads: FAISS threads per worker.
         api_keys: comma-separated keys; when set, /events and /admin/* need one.
@@ -38,11 +39,12 @@ class Settings(BaseSettings):
     bundle_dir: Path
     environment: Literal["development", "production"] = "development"
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
-    redis_prefix: str = Field("mqsa", min_length=1, max_length=64)
+    redis_prefix: str = Field("mqsa", min_length=1, max_length=64, pattern=r"^[^{}]+$")
     redis_timeout_seconds: float = Field(0.25, gt=0, le=30)
     history_cap: int = Field(200, ge=1, le=100_000)
     history_ttl_seconds: int = Field(30 * 24 * 3600, ge=60)
     stream_maxlen: int = Field(1_000_000, ge=1000)
+    stream_shards: int = Field(16, ge=1, le=16384)
     onnx_threads: int = Field(1, ge=1, le=64)
     faiss_threads: int = Field(1, ge=1, le=64)
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)

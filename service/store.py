@@ -1,17 +1,22 @@
 """Per-user item histories in Redis, with event-id de-duplication and an event stream.
 
-Keys, for a prefix ``p`` (default ``mqsa``):
+Keys, for a prefix ``p`` (default ``mqsa``) and the user's bucket
+``b = crc32(user_id) % stream_shards``:
 
-* ``p:{u:<user_id>}:items`` – a LIST of external item ids, newest at the right,
-  trimmed to ``history_cap``.
-* ``p:{u:<user_id>}:events`` – a ZSET of the user's recent event ids, scored by
-  arrival (a per-user sequence number), trimmed to the ``dedup_cap`` newest.
-* ``p:events`` – one STREAM of every accepted event (fields ``user_id``,
-  ``item_id``, ``timestamp``, ``event_id``), capped near ``stream_maxlen``;
-  :mod:`service.event_log` exports it as the raw log that training reads.
+* ``p:{b<b>}:u:<user_id>:items`` – a LIST of external item ids, newest at the
+  right, trimmed to ``history_cap``.
+* ``p:{b<b>}:u:<user_id>:events`` – a ZSET of the user's recent event ids, scored
+  by arrival (a per-user sequence number), trimmed to the ``dedup_cap`` newest.
+* ``p:{b<b>}:events`` – the bucket's STREAM of every accepted event (fields
+  ``user_id``, ``item_id``, ``timestamp``, ``event_id``), capped near
+  ``stream_maxlen / stream_shards``; :mod:`service.event_log` exports all the
+  buckets' streams as the raw log that training reads.
 
-Both per-user keys carry the user's hash tag ``{u:<user_id>}``, so they live in
-one slot on Redis Cluster, and both share the TTL: every append refreshes it.
+All three keys carry the bucket's hash tag ``{b<b>}``, so a user's keys and the
+stream the script appends to live in one slot: the script runs on Redis
+Cluster, and ``stream_shards`` buckets spread users over that many slots (one
+bucket = one slot; the service's default is 16). The per-user keys share the
+TTL: every append refreshes it.
 
 Design: :meth:`HistoryStore.append` groups a request's events by user and sends
 one Lua script call (EVALSHA) per user, all in one non-transactional pipeline:
@@ -23,14 +28,6 @@ for one user never interleave. A request spanning several users is atomic per
 user only: if Redis fails half-way, some users' events may be stored and others
 not, and the request fails; resending it with the same event ids is safe.
 
-Cluster caveat: the script's keys are the user's two keys *and* the global
-stream, which lives in another slot. That is fine on a single Redis (with or
-without replicas or Sentinel) but Redis Cluster refuses it (CROSSSLOT): a global
-stream cannot share every user's hash tag. On a cluster the stream would have to
-be written outside the script (losing the "history and log together"
-atomicity) or be split per slot. The stream key is configurable
-(``stream_key``) for that reason; on a single Redis it is one key on one shard.
-
 Needs Redis >= 6.2 (``XRANGE`` with exclusive ranges, in the exporter). Redis
 errors are translated into :class:`~service.errors.StoreUnavailable` in one
 place, :func:`redis_errors`. Never imports torch, ``models`` or ``training``.
@@ -40,6 +37,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -184,6 +182,16 @@ def connect(
     return aioredis.Redis.from_pool(pool)
 
 
+def bucket_of(user_id: str, shards: int) -> int:
+    """The user's bucket: crc32 of the id modulo the shard count (stable across processes)."""
+    return zlib.crc32(user_id.encode()) % shards
+
+
+def stream_keys(prefix: str, shards: int) -> list[str]:
+    """Every bucket's stream key, bucket 0 first."""
+    return [f"{prefix}:{{b{b}}}:events" for b in range(shards)]
+
+
 class HistoryStore:
     """Recent item histories per user, appended atomically with de-duplication by event id.
 
@@ -198,10 +206,11 @@ class HistoryStore:
             hundred more).
         dedup_cap: the most event ids remembered per user (the newest); an event
             resent after this many newer ones is accepted again.
-        stream_key: the event stream's key; ``f"{prefix}:events"`` when None.
+        stream_shards: how many buckets (hash-tag slots, one stream each) users are
+            spread over; 1 keeps everything in one slot.
 
     Raises:
-        ValueError: for a cap, TTL or length below 1.
+        ValueError: for a cap, TTL, length or shard count below 1, or a prefix with braces.
     """
 
     def __init__(
@@ -212,13 +221,14 @@ class HistoryStore:
         ttl_seconds: int = 30 * 24 * 3600,
         stream_maxlen: int = 1_000_000,
         dedup_cap: int = 10_000,
-        stream_key: str | None = None,
+        stream_shards: int = 1,
     ) -> None:
         for name, value in (
             ("history_cap", history_cap),
             ("ttl_seconds", ttl_seconds),
             ("stream_maxlen", stream_maxlen),
             ("dedup_cap", dedup_cap),
+            ("stream_shards", stream_shards),
         ):
             if int(value) < 1:
                 raise ValueError(f"{name} must be at least 1, got {value!r}")
@@ -227,17 +237,35 @@ class HistoryStore:
         self.history_cap = int(history_cap)
         self.ttl_seconds = int(ttl_seconds)
         self.stream_maxlen = int(stream_maxlen)
+        self._shard_maxlen = max(1, self.stream_maxlen // max(1, int(stream_shards)))
         self.dedup_cap = int(dedup_cap)
-        self.stream_key = stream_key if stream_key is not None else f"{prefix}:events"
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"the key prefix must not contain braces (hash tags), got {prefix!r}")
+        self.stream_shards = int(stream_shards)
+        self.stream_keys = stream_keys(prefix, self.stream_shards)
         self._script = redis.register_script(APPEND_SCRIPT)
 
+    def _tagged(self, user_id: str) -> str:
+        return f"{self.prefix}:{{b{bucket_of(user_id, self.stream_shards)}}}"
+
     def items_key(self, user_id: str) -> str:
-        """The user's history list: ``{prefix}:{u:<user_id>}:items``."""
-        return f"{self.prefix}:{{u:{user_id}}}:items"
+        """The user's history list: ``{prefix}:{b<bucket>}:u:<user_id>:items``."""
+        return f"{self._tagged(user_id)}:u:{user_id}:items"
 
     def events_key(self, user_id: str) -> str:
-        """The user's set of seen event ids: ``{prefix}:{u:<user_id>}:events``."""
-        return f"{self.prefix}:{{u:{user_id}}}:events"
+        """The user's set of seen event ids: ``{prefix}:{b<bucket>}:u:<user_id>:events``."""
+        return f"{self._tagged(user_id)}:u:{user_id}:events"
+
+    def stream_key_for(self, user_id: str) -> str:
+        """The stream of the user's bucket: ``{prefix}:{b<bucket>}:events``."""
+        return f"{self._tagged(user_id)}:events"
+
+    @property
+    def stream_key(self) -> str:
+        """The one stream, when ``stream_shards`` is 1."""
+        if self.stream_shards != 1:
+            raise AttributeError("several streams: use stream_keys or stream_key_for(user_id)")
+        return self.stream_keys[0]
 
     async def append(self, events: list[Event]) -> AppendResult:
         """Add events to their users' histories and to the stream, skipping resent event ids.
@@ -269,8 +297,8 @@ class HistoryStore:
             groups.setdefault(event.user_id, []).extend((event.item_id, repr(stamp), event.event_id or ""))
         calls = [
             (
-                [self.items_key(user), self.events_key(user), self.stream_key],
-                [user, self.history_cap, self.ttl_seconds, self.stream_maxlen, self.dedup_cap, *triples],
+                [self.items_key(user), self.events_key(user), self.stream_key_for(user)],
+                [user, self.history_cap, self.ttl_seconds, self._shard_maxlen, self.dedup_cap, *triples],
             )
             for user, triples in groups.items()
         ]

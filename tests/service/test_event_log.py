@@ -100,3 +100,25 @@ def test_export_with_redis_down_raises_and_leaves_no_file(redis_server_factory, 
     with pytest.raises(StoreUnavailable):
         export_events_sync(server.url, "t:events", out, timeout_seconds=0.5)
     assert not list(tmp_path.iterdir())
+
+
+def test_export_reads_every_bucket_stream(redis_url, key_prefix, tmp_path):
+    """With several buckets, every stream is exported and each user's events keep their order."""
+
+    async def main() -> tuple[list[str], int]:
+        client = connect(redis_url, timeout_seconds=3.0)
+        try:
+            store = HistoryStore(client, prefix=key_prefix, stream_shards=4)
+            await store.append([Event(f"u{n % 7}", f"i{n}", timestamp=1000.0 + n) for n in range(40)])
+            used = sum([await client.xlen(k) > 0 for k in store.stream_keys])
+            return store.stream_keys, used
+        finally:
+            await client.aclose()
+
+    keys, used = asyncio.run(main())
+    assert used > 1
+    out = tmp_path / "all.csv"
+    assert export_events_sync(redis_url, keys, out) == 40
+    log = read_log(out)
+    for user, rows in log.groupby("user_id", sort=False):
+        assert list(rows["item_id"]) == [f"i{n}" for n in range(40) if f"u{n % 7}" == user]

@@ -12,7 +12,7 @@ import pytest
 from redis.crc import key_slot
 
 from service.errors import StoreUnavailable
-from service.store import AppendResult, Event, HistoryStore, connect
+from service.store import AppendResult, Event, HistoryStore, bucket_of, connect, stream_keys
 
 # Generous against a loaded machine; the outage tests use the service's 0.5 s.
 TIMEOUT = 3.0
@@ -83,16 +83,30 @@ def test_both_user_keys_get_the_ttl(redis_url, key_prefix):
     assert 0 < events_ttl <= 100
 
 
-def test_keys_carry_the_users_hash_tag(redis_url, key_prefix):
-    async def body(store, client):
-        await store.append([Event("alice", "a", event_id="e1")])
-        return sorted([key async for key in client.scan_iter(match=f"{key_prefix}*")]), store.stream_key
+def test_a_users_keys_and_its_stream_share_one_slot(redis_url, key_prefix):
+    """Every key the append script touches carries the bucket's hash tag: it runs on Redis Cluster."""
 
-    keys, stream_key = with_store(redis_url, key_prefix, body)
-    items, seen = f"{key_prefix}:{{u:alice}}:items", f"{key_prefix}:{{u:alice}}:events"
-    assert keys == sorted([items, seen, f"{key_prefix}:events"])
-    assert stream_key == f"{key_prefix}:events"
-    assert key_slot(items.encode()) == key_slot(seen.encode()) == key_slot(b"u:alice")
+    async def body(store, client):
+        await store.append([Event("alice", "a", event_id="e1"), Event("bob", "b")])
+        return sorted([key async for key in client.scan_iter(match=f"{key_prefix}*")])
+
+    keys = with_store(redis_url, key_prefix, body, stream_shards=8)
+    a, b = bucket_of("alice", 8), bucket_of("bob", 8)
+    alice = [f"{key_prefix}:{{b{a}}}:u:alice:items", f"{key_prefix}:{{b{a}}}:u:alice:events"]
+    bob = [f"{key_prefix}:{{b{b}}}:u:bob:items"]  # no event id sent, so no set of seen ids
+    streams = {f"{key_prefix}:{{b{a}}}:events", f"{key_prefix}:{{b{b}}}:events"}
+    assert keys == sorted([*alice, *bob, *streams])
+    assert {key_slot(k.encode()) for k in [*alice, f"{key_prefix}:{{b{a}}}:events"]} == {
+        key_slot(f"b{a}".encode())
+    }
+    assert stream_keys(key_prefix, 8)[a] == f"{key_prefix}:{{b{a}}}:events"
+
+
+def test_users_spread_over_the_buckets():
+    buckets = {bucket_of(f"user-{n}", 16) for n in range(1000)}
+    assert buckets == set(range(16))
+    with pytest.raises(ValueError, match="braces"):
+        HistoryStore(None, prefix="p{x}")  # type: ignore[arg-type]
 
 
 def test_duplicate_event_ids_are_applied_once(redis_url, key_prefix):
