@@ -140,7 +140,8 @@ def _data_export_events(args: argparse.Namespace) -> None:
     from service.store import stream_keys
 
     url = args.redis_url or os.environ.get("MQSA_REDIS_URL", "redis://127.0.0.1:6379/0")
-    rows = export_events_sync(url, stream_keys(args.prefix, args.stream_shards), args.out)
+    cluster = args.cluster or os.environ.get("MQSA_REDIS_CLUSTER", "").lower() in ("1", "true", "yes")
+    rows = export_events_sync(url, stream_keys(args.prefix, args.stream_shards), args.out, cluster=cluster)
     print(f"wrote {rows} events to {args.out} (the raw log format `mqsa data prepare` reads)")
 
 
@@ -191,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=int(os.environ.get("MQSA_STREAM_SHARDS", "16")),
         help="the service's MQSA_STREAM_SHARDS (default 16)",
+    )
+    p.add_argument(
+        "--cluster", action="store_true", help="the URL names a Redis Cluster node (MQSA_REDIS_CLUSTER)"
     )
     p.set_defaults(func=_data_export_events)
     p = data_sub.add_parser("stats", help="users, items, actions, lengths, density")

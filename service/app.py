@@ -133,7 +133,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = ModelRegistry(settings.bundle_dir, settings.onnx_threads, settings.faiss_threads)
         registry.load()
-        redis = connect(settings.redis_url.get_secret_value(), settings.redis_timeout_seconds)
+        redis = connect(
+            settings.redis_url.get_secret_value(),
+            settings.redis_timeout_seconds,
+            cluster=settings.redis_cluster,
+        )
         app.state.registry = registry
         app.state.store = HistoryStore(
             redis,

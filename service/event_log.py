@@ -95,6 +95,7 @@ def export_events_sync(
     count: int = 10_000,
     end: str = "+",
     timeout_seconds: float = 10.0,
+    cluster: bool = False,
 ) -> int:
     """:func:`export_events` from synchronous code (a CLI, a cron job): connects, exports, closes.
 
@@ -106,6 +107,7 @@ def export_events_sync(
         count: entries per XRANGE call.
         end: the last entry id (inclusive).
         timeout_seconds: the socket timeout; larger than the service's, pages are big.
+        cluster: ``url`` names a node of a Redis Cluster.
 
     Returns:
         The number of rows written.
@@ -115,7 +117,7 @@ def export_events_sync(
     """
 
     async def main() -> int:
-        client = connect(url, timeout_seconds=timeout_seconds, max_connections=1)
+        client = connect(url, timeout_seconds=timeout_seconds, max_connections=1, cluster=cluster)
         try:
             return await export_events(client, stream_key, out_path, start=start, count=count, end=end)
         finally:

@@ -20,6 +20,7 @@ class Settings(BaseSettings):
         bundle_dir: the serving bundle written by ``mqsa export``.
         environment: "development" or "production" (stricter checks).
         redis_url: where user histories and the event stream live.
+        redis_cluster: ``redis_url`` names a node of a Redis Cluster.
         redis_prefix: prefix of every key this service writes.
         redis_timeout_seconds: socket timeout of every Redis call.
         history_cap: items kept per user (more than the model's T).
@@ -39,6 +40,7 @@ class Settings(BaseSettings):
     bundle_dir: Path
     environment: Literal["development", "production"] = "development"
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    redis_cluster: bool = False
     redis_prefix: str = Field("mqsa", min_length=1, max_length=64, pattern=r"^[^{}]+$")
     redis_timeout_seconds: float = Field(0.25, gt=0, le=30)
     history_cap: int = Field(200, ge=1, le=100_000)

@@ -35,6 +35,7 @@ place, :func:`redis_errors`. Never imports torch, ``models`` or ``training``.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import zlib
@@ -148,28 +149,40 @@ def connect(
     max_connections: int = 64,
     pool_timeout_seconds: float = 2.0,
     connect_timeout_seconds: float = 2.0,
-) -> aioredis.Redis:
+    cluster: bool = False,
+) -> aioredis.Redis | aioredis.RedisCluster:
     """An asyncio Redis client for the store, with its own bounded connection pool.
 
     Every send and read times out after ``timeout_seconds``, opening a
     connection after ``connect_timeout_seconds`` (a burst opens many at once);
-    waiting for a free connection when all
-    ``max_connections`` are busy times out after ``pool_timeout_seconds`` (a
-    burst of requests queues briefly instead of failing); nothing is retried (a retried pipeline could
-    apply events twice, and a hung Redis must fail a request, not stall it).
+    waiting for a free connection when all ``max_connections`` are busy times
+    out after ``pool_timeout_seconds`` (a burst of requests queues briefly
+    instead of failing); nothing is retried (a retried pipeline could apply
+    events twice, and a hung Redis must fail a request, not stall it).
     Replies are decoded to ``str``. Close it with ``await client.aclose()``,
     which also closes the pool. No connection is opened until the first command.
 
     Args:
-        url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` or ``unix://``.
+        url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` or ``unix://``;
+            with ``cluster``, any node of the cluster.
         timeout_seconds: the limit on each socket operation.
-        max_connections: the most connections the pool opens.
+        max_connections: the most connections the pool opens (per node on a cluster).
         pool_timeout_seconds: the limit on waiting for a free connection.
         connect_timeout_seconds: the limit on opening a connection.
+        cluster: talk to a Redis Cluster (every command routed to its slot's node).
 
     Returns:
         The client; it owns the pool.
     """
+    if cluster:
+        return aioredis.RedisCluster.from_url(
+            url,
+            socket_timeout=timeout_seconds,
+            socket_connect_timeout=connect_timeout_seconds,
+            max_connections=max_connections,
+            decode_responses=True,
+            retry=Retry(NoBackoff(), 0),
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -310,7 +323,8 @@ class HistoryStore:
         return AppendResult(accepted=accepted, duplicates=len(events) - accepted, applied=applied)
 
     async def _run_scripts(self, calls: list[tuple[list[str], list[Any]]]) -> list[list[int]]:
-        """EVALSHA each (keys, args) in one pipeline; load the script and rerun the calls that got NOSCRIPT.
+        """EVALSHA each (keys, args) in one pipeline (concurrently on a cluster); load the
+        script and rerun the calls that got NOSCRIPT.
 
         A NOSCRIPT reply means that call did nothing, so rerunning only those is safe.
         (redis-py's ``Script`` in a pipeline would send ``SCRIPT EXISTS`` first, every time.)
@@ -319,11 +333,20 @@ class HistoryStore:
         results: list[Any] = [None] * len(calls)
         pending = list(range(len(calls)))
         for attempt in range(2):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for i in pending:
-                    keys, args = calls[i]
-                    pipe.evalsha(sha, len(keys), *keys, *args)
-                replies = await pipe.execute(raise_on_error=False)
+            if isinstance(self.redis, aioredis.RedisCluster):
+                # Cluster pipelines refuse EVALSHA: send the calls concurrently, each to its slot's node
+                # (after the slot map is loaded: concurrent first calls would race to load it).
+                await self.redis.initialize()
+                replies = await asyncio.gather(
+                    *(self.redis.evalsha(sha, len(calls[i][0]), *calls[i][0], *calls[i][1]) for i in pending),
+                    return_exceptions=True,
+                )
+            else:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for i in pending:
+                        keys, args = calls[i]
+                        pipe.evalsha(sha, len(keys), *keys, *args)
+                    replies = await pipe.execute(raise_on_error=False)
             missing = []
             for i, reply in zip(pending, replies, strict=True):
                 if isinstance(reply, NoScriptError) and attempt == 0:
