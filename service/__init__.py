@@ -1,1 +1,1 @@
-"""The online service (next milestone). Never imports torch, models or training."""
+"""The online service: FastAPI over Redis, onnxruntime and FAISS. Never imports torch, models or training."""
