@@ -92,7 +92,6 @@ def evaluate_scores(
     return metrics_from_ranks(torch.cat(ranks))
 
 
-@torch.no_grad()
 def model_scorer(model: torch.nn.Module) -> Callable[[list[np.ndarray]], torch.Tensor]:
     """Scores every item by z . E_j with z the blended last-slot vector."""
     cfg = model.config

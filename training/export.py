@@ -38,6 +38,7 @@ import torch
 from models.mqsa import MQSA
 from training.errors import DataError
 from training.trainer import file_sha256
+from training.vocabulary import Vocabulary
 
 BUNDLE_FORMAT = 1
 ONNX_OPSET = 18
@@ -170,7 +171,7 @@ def export_bundle(
         embeddings = np.ascontiguousarray(model.item_embeddings().detach().cpu().numpy(), dtype=np.float32)
         params = index_params(index, cfg.num_items, nlist, nprobe, hnsw_m, ef_search)
         faiss.write_index(build_index(embeddings, index, params), str(tmp / "items.faiss"))
-        _write_json(tmp / "items.json", {"format": 1, "item_ids": list(item_ids)})
+        Vocabulary(item_ids).save(tmp / "items.json")  # the format `mqsa data prepare` writes
         order = np.lexsort((np.arange(cfg.num_items), -counts))  # most popular first, ties by index
         order = order[counts[order] > 0][:popular_top]
         _write_json(
