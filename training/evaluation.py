@@ -65,7 +65,7 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, history: list[np.n
     cols = np.concatenate(history) if len(history) else np.empty(0, dtype=np.int64)
     scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
     target_scores = scores.gather(1, targets[:, None])  # (B, 1)
-    return (scores > target_scores).sum(1)
+    return (scores > target_scores).sum(1, dtype=torch.int32).long()  # int32 sums run ~2x faster
 
 
 def metrics_from_ranks(ranks: np.ndarray | torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
@@ -82,14 +82,22 @@ def metrics_from_ranks(ranks: np.ndarray | torch.Tensor, ks: tuple[int, ...] = K
 def evaluate_scores(
     score_fn: Callable[[list[np.ndarray]], torch.Tensor], eval_set: EvalSet, batch_size: int = 1024
 ) -> dict[str, float]:
-    """Full-ranking metrics for any scorer: a batch of input sequences -> (B, N) scores."""
-    ranks = []
+    """Full-ranking metrics for any scorer: a batch of input sequences -> (B, N) scores.
+
+    Users are batched in order of input length, so a batch of short sequences
+    is not padded to a long one's width (most are short). Scorers must not
+    depend on the amount of left padding; the model's positions are
+    right-aligned, so it does not.
+    """
+    order = np.argsort([len(s) for s in eval_set.inputs], kind="stable")
+    ranks = torch.empty(len(eval_set), dtype=torch.int64)
     for start in range(0, len(eval_set), batch_size):
-        stop = start + batch_size
-        scores = score_fn(eval_set.inputs[start:stop]).float()
-        targets = torch.from_numpy(eval_set.targets[start:stop]).to(scores.device)
-        ranks.append(target_ranks(scores.cpu(), targets.cpu(), eval_set.history[start:stop]))
-    return metrics_from_ranks(torch.cat(ranks))
+        users = order[start : start + batch_size]
+        scores = score_fn([eval_set.inputs[u] for u in users]).float()
+        targets = torch.from_numpy(eval_set.targets[users])
+        history = [eval_set.history[u] for u in users]
+        ranks[torch.from_numpy(users)] = target_ranks(scores.cpu(), targets, history)
+    return metrics_from_ranks(ranks)
 
 
 def model_scorer(model: torch.nn.Module) -> Callable[[list[np.ndarray]], torch.Tensor]:

@@ -140,3 +140,36 @@ def test_popularity_scorer_ranks_most_popular_first() -> None:
     # user 0: item 2 removed, item 1 is first (rank 0); user 1: 2, 1, 3 above item 4 (rank 3).
     assert m["HR@5"] == pytest.approx(1.0)
     assert m["NDCG@5"] == pytest.approx((1 + 1 / math.log2(5)) / 2)
+
+
+def test_length_sorted_batches_keep_each_users_rank() -> None:
+    """A scorer that only sees one user's input decides that user's rank, whatever the batching."""
+
+    def echo_scorer(inputs: list[np.ndarray]) -> torch.Tensor:
+        # Scores item j by -|j - last item|: the target's rank is its distance from the last item.
+        items = torch.arange(10.0)
+        return torch.stack([-(items - float(s[-1])).abs() for s in inputs])
+
+    inputs = arrays([1, 2, 3, 4, 5], [9], [2, 6], [0, 1, 2, 3, 4, 5, 6, 7], [4])
+    es = EvalSet(inputs=inputs, targets=np.array([5, 0, 6, 0, 4]), history=arrays([], [], [], [], []))
+    # Ranks 0, 9, 0, 9, 0: a target equal to the last item is first; item 0 after 9 or 7 is last.
+    one_by_one = evaluate_scores(echo_scorer, es, batch_size=1)
+    assert one_by_one["HR@5"] == pytest.approx(3 / 5)
+    assert one_by_one["HR@10"] == pytest.approx(1.0)
+    assert one_by_one["NDCG@10"] == pytest.approx((3 + 2 / math.log2(11)) / 5)
+    for batch_size in (2, 3, 5):
+        assert evaluate_scores(echo_scorer, es, batch_size=batch_size) == one_by_one
+
+
+def test_model_metrics_do_not_depend_on_batching(trained_run) -> None:
+    from models.mqsa import MQSA
+    from training.evaluation import evaluate_model
+    from training.sequences import read_sequences
+
+    model, _ = MQSA.from_checkpoint(str(trained_run["dir"] / "best.pt"))
+    data = read_sequences(trained_run["data"])
+    es = make_test_set(split_leave_one_out(data.sequences, model.config.max_len), model.config.max_len)
+    es = EvalSet(inputs=es.inputs[:60], targets=es.targets[:60], history=es.history[:60])
+    one_by_one = evaluate_model(model, es, batch_size=1)
+    batched = evaluate_model(model, es, batch_size=16)
+    assert batched == pytest.approx(one_by_one, abs=1e-12)
