@@ -75,6 +75,16 @@ def mean_test(runs: list[dict]) -> dict[str, float]:
     return {c: sum(r["test"][c] for r in runs) / len(runs) for c in COLUMNS}
 
 
+def goal_ratio(test: dict[str, float], paper: tuple[float, ...]) -> float:
+    """The smallest ours / paper over the goal metrics."""
+    return min(test[c] / paper[COLUMNS.index(c)] for c in GOAL)
+
+
+def run_summary(run: dict) -> str:
+    """The best epoch / epochs run, s/epoch and wall cells of one run."""
+    return f"{run['best_epoch']}/{run['epochs_run']} | {run['seconds_per_epoch']:.1f} | {run['wall_seconds'] / 60:.0f} min"
+
+
 def build_table() -> str:
     lines = [
         "# Reproduction: full-ranking test metrics",
@@ -103,29 +113,22 @@ def build_table() -> str:
                 )
                 continue
             mean = mean_test(runs)
-            ratio = min(mean[c] / paper[COLUMNS.index(c)] for c in GOAL)
+            ratio = goal_ratio(mean, paper)
             flag = "" if ratio >= 0.97 else " (short)"
             seeds = ", ".join(str(r["train_config"]["seed"]) for r in runs)
             label = "ours" if len(runs) == 1 else "ours, mean"
+            run_cells = run_summary(runs[0]) if len(runs) == 1 else "| |"
             lines.append(
                 f"| {data} | {name} | {label} | "
                 + " | ".join(f"{mean[c]:.4f}" for c in COLUMNS)
-                + f" | {ratio:.3f}{flag} | {seeds} |"
-                + (
-                    f" {runs[0]['best_epoch']}/{runs[0]['epochs_run']} | {runs[0]['seconds_per_epoch']:.1f}"
-                    f" | {runs[0]['wall_seconds'] / 60:.0f} min |"
-                    if len(runs) == 1
-                    else " | | |"
-                )
+                + f" | {ratio:.3f}{flag} | {seeds} | {run_cells} |"
             )
             if len(runs) > 1:
                 for r in runs:
-                    one = min(r["test"][c] / paper[COLUMNS.index(c)] for c in GOAL)
                     lines.append(
                         f"| {data} | {name} | seed {r['train_config']['seed']} | "
                         + " | ".join(f"{r['test'][c]:.4f}" for c in COLUMNS)
-                        + f" | {one:.3f} | | {r['best_epoch']}/{r['epochs_run']} | {r['seconds_per_epoch']:.1f}"
-                        + f" | {r['wall_seconds'] / 60:.0f} min |"
+                        + f" | {goal_ratio(r['test'], paper):.3f} | | {run_summary(r)} |"
                     )
     lines.append("")
     for data in ("beauty", "sports"):
