@@ -1,7 +1,7 @@
 """Reproduce the paper's full-ranking table: MQSA-TED and the SASRec ablation.
 
 Not a test: about an hour and a half on a 2-core CPU. Each run trains into
-``bench/results/<data>-<model>/`` (checkpoint, metrics.json, history.csv,
+``bench/results/<data>-<model>-seed<seed>/`` (checkpoint, metrics.json, history.csv,
 curves.png; not tracked by git); its metrics.json and history.csv are then
 copied to ``docs/reproduction/`` (tracked), and the markdown table
 ``docs/reproduction.md`` is rewritten from every recorded run, beside the
@@ -150,9 +150,8 @@ def build_table() -> str:
 
 def write_table() -> None:
     """Rewrite the table in docs/reproduction.md, keeping the hand-written notes after the marker."""
-    notes = ""
-    if TABLE.exists() and NOTES_MARKER in TABLE.read_text():
-        notes = TABLE.read_text().split(NOTES_MARKER, 1)[1]
+    old = TABLE.read_text() if TABLE.exists() else ""
+    notes = old.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in old else ""
     TABLE.parent.mkdir(exist_ok=True)
     TABLE.write_text(build_table() + NOTES_MARKER + notes)
 
