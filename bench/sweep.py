@@ -1,0 +1,178 @@
+"""Hyperparameter sweeps on the validation split, and the table that compares them.
+
+Not a test. Each run is the paper's MQSA-TED with some settings changed, trained
+like ``bench/reproduce.py`` (evaluation every epoch, patience on the validation
+NDCG@20) into ``bench/results/sweep/<data>-mqsa-ted-<tag>-seed<seed>/``; its
+metrics.json and history.csv are copied to ``docs/reproduction/sweep/`` (tracked)
+and the table ``docs/reproduction/sweep/README.md`` is rebuilt from every record.
+
+    python bench/sweep.py --data sports --grid tau=0.05,0.2 --threads 1
+    python bench/sweep.py --data sports --grid lr=5e-4,2e-3 l2=1e-5
+    python bench/sweep.py --table-only
+
+``--grid`` takes ``name=v1,v2`` per setting and runs their product; names are
+MQSAConfig or TrainConfig fields (``window`` sets one long branch's L).
+
+The table is sorted by the **validation** NDCG@20 of the selected epoch: that is
+the only number a setting may be chosen by. The test columns are shown so a
+reader can see what the choice costs or gains, never to choose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATA_DIR = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "bench" / "results" / "sweep"
+RECORDS = ROOT / "docs" / "reproduction" / "sweep"
+REFERENCE = ROOT / "docs" / "reproduction"  # the paper-settings runs of bench/reproduce.py
+TABLE = RECORDS / "README.md"
+MODEL_FIELDS = {"windows", "alpha", "dropout", "hidden_size", "num_blocks", "num_heads", "window_decay"}
+TRAIN_FIELDS = {"lr", "l2", "lambda_kd", "tau", "time_span", "batch_size"}
+SHORT = {"windows": "L", "lambda_kd": "kd", "window_decay": "decay", "hidden_size": "d"}
+METRICS = ("HR@10", "NDCG@10", "NDCG@20")
+
+
+def parse_grid(specs: list[str]) -> list[dict[str, float | int | tuple[int, ...]]]:
+    """``["tau=0.05,0.2", "lr=1e-3"]`` -> one settings dict per point of the product."""
+    axes: list[list[tuple[str, float | int | tuple[int, ...]]]] = []
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        name = "windows" if name == "window" else name
+        if not sep or not values:
+            raise SystemExit(f"--grid {spec!r}: expected name=v1,v2,...")
+        if name not in MODEL_FIELDS | TRAIN_FIELDS:
+            known = sorted((MODEL_FIELDS | TRAIN_FIELDS | {"window"}) - {"windows"})
+            raise SystemExit(f"--grid {spec!r}: unknown setting {name!r}; known: {', '.join(known)}")
+        points = []
+        for raw in values.split(","):
+            try:
+                value = float(raw)
+            except ValueError as exc:
+                raise SystemExit(f"--grid {spec!r}: {raw!r} is not a number") from exc
+            if name in ("windows", "time_span", "batch_size", "hidden_size", "num_blocks", "num_heads"):
+                if value != int(value):
+                    raise SystemExit(f"--grid {spec!r}: {name} takes integers, got {raw!r}")
+                value = (int(value),) if name == "windows" else int(value)
+            points.append((name, value))
+        axes.append(points)
+    return [dict(point) for point in itertools.product(*axes)]
+
+
+def tag(settings: dict) -> str:
+    """A file-name tag for a settings dict: {"tau": 0.05, "windows": (2,)} -> "tau0.05-L2"."""
+    parts = []
+    for name, value in settings.items():
+        shown = "+".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}"
+        parts.append(f"{SHORT.get(name, name)}{shown}")
+    return "-".join(parts)
+
+
+def run(data: str, settings: dict, seed: int, args: argparse.Namespace) -> None:
+    from training.trainer import TrainConfig, train
+
+    model_cfg = {k: v for k, v in settings.items() if k in MODEL_FIELDS}
+    train_cfg = {k: v for k, v in settings.items() if k in TRAIN_FIELDS}
+    config = TrainConfig(
+        epochs=args.epochs, patience=args.patience, seed=seed, threads=args.threads, **train_cfg
+    )
+    name = f"{data}-mqsa-ted-{tag(settings)}-seed{seed}"
+    out = RESULTS / name
+    print(f"== MQSA-TED on {data}, seed {seed}, {tag(settings)} -> {out}", flush=True)
+    train(DATA_DIR / f"{data}.txt", out, model_cfg, config, progress=not args.quiet)
+    RECORDS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "metrics.json", RECORDS / f"{name}.json")
+    shutil.copyfile(out / "history.csv", RECORDS / f"{name}.csv")
+
+
+def changed(record: dict, reference: dict) -> str:
+    """The settings where ``record`` differs from the paper-settings ``reference`` run."""
+    diffs = []
+    for section, names in (("model_config", MODEL_FIELDS), ("train_config", TRAIN_FIELDS)):
+        for name in sorted(names):
+            value, default = record[section].get(name), reference[section].get(name)
+            if value != default:
+                shown = "+".join(map(str, value)) if isinstance(value, list) else f"{value:g}"
+                diffs.append(f"{SHORT.get(name, name)} {shown}")
+    return ", ".join(diffs) or "paper settings"
+
+
+def build_table() -> str:
+    lines = [
+        "# Sweeps on the validation split",
+        "",
+        "Made by `python bench/sweep.py` (see its docstring). MQSA-TED with the paper's settings",
+        "except the ones named, one seed per row; rows are sorted by the validation NDCG@20 of",
+        "the selected epoch, **the only column a setting is chosen by**. Test columns are the",
+        "same epoch's, shown to say what a choice gives, never to choose.",
+        "",
+    ]
+    records = [json.loads(p.read_text()) for p in sorted(RECORDS.glob("*-seed*.json"))]
+    by_key: dict[tuple[str, int], list[dict]] = {}
+    for r in records:
+        data = Path(r["data"]["path"]).stem
+        by_key.setdefault((data, r["train_config"]["seed"]), []).append(r)
+    for (data, seed), runs in sorted(by_key.items()):
+        reference_path = REFERENCE / f"{data}-mqsa-ted-seed{seed}.json"
+        if not reference_path.exists():
+            continue
+        reference = json.loads(reference_path.read_text())
+        runs = sorted([reference, *runs], key=lambda r: -r["valid"]["NDCG@20"])
+        lines += [
+            f"## {data}, seed {seed}",
+            "",
+            "| settings | valid NDCG@20 | best epoch | "
+            + " | ".join(f"test {m}" for m in METRICS)
+            + " | s/epoch | threads |",
+            "|---" * (len(METRICS) + 5) + "|",
+        ]
+        for r in runs:
+            lines.append(
+                f"| {changed(r, reference)} | {r['valid']['NDCG@20']:.4f} | "
+                f"{r['best_epoch']}/{r['epochs_run']} | "
+                + " | ".join(f"{r['test'][m]:.4f}" for m in METRICS)
+                + f" | {r['seconds_per_epoch']:.1f} | {r['train_config']['threads'] or 'all'} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_table() -> None:
+    RECORDS.mkdir(parents=True, exist_ok=True)
+    TABLE.write_text(build_table())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", default="sports", choices=["beauty", "sports"])
+    parser.add_argument("--grid", nargs="+", default=[], help="name=v1,v2 ... (their product is run)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--patience", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    if not args.table_only:
+        if not args.grid:
+            parser.error("--grid is required unless --table-only")
+        for settings in parse_grid(args.grid):
+            for seed in args.seeds:
+                run(args.data, settings, seed, args)
+                write_table()
+    write_table()
+    print(TABLE.read_text())
+
+
+if __name__ == "__main__":
+    main()
