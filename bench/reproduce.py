@@ -55,24 +55,39 @@ TUNED: dict[str, dict[str, float]] = {"sports": {"l2": 3e-4}}
 
 
 def run(data: str, model_key: str, seed: int, args: argparse.Namespace) -> None:
-    from training.trainer import TrainConfig, train
-
     name, model_cfg, train_cfg = MODELS[model_key]
     tuned = args.settings == "tuned"
     if tuned:
         if data not in TUNED:
             raise SystemExit(f"no tuned settings for {data}: see TUNED in {__file__}")
         train_cfg = {**train_cfg, **TUNED[data]}
+    run_name = f"{data}-{model_key}-{'tuned-' if tuned else ''}seed{seed}"
+    print(f"== {name} on {data}, seed {seed}, {args.settings} settings", flush=True)
+    train_and_record(data, run_name, model_cfg, train_cfg, seed, args, RESULTS, RECORDS)
+
+
+def train_and_record(
+    data: str,
+    run_name: str,
+    model_cfg: dict,
+    train_cfg: dict,
+    seed: int,
+    args: argparse.Namespace,
+    results: Path,
+    records: Path,
+) -> None:
+    """Train one run into ``results/run_name`` and copy its metrics and history to ``records``."""
+    from training.trainer import TrainConfig, train
+
     config = TrainConfig(
         epochs=args.epochs, patience=args.patience, seed=seed, threads=args.threads, **train_cfg
     )
-    run_name = f"{data}-{model_key}-{'tuned-' if tuned else ''}seed{seed}"
-    out = RESULTS / run_name
-    print(f"== {name} on {data}, seed {seed}, {args.settings} settings -> {out}", flush=True)
+    out = results / run_name
+    print(f"   -> {out}", flush=True)
     train(DATA_DIR / f"{data}.txt", out, model_cfg, config, progress=not args.quiet)
-    RECORDS.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(out / "metrics.json", RECORDS / f"{run_name}.json")
-    shutil.copyfile(out / "history.csv", RECORDS / f"{run_name}.csv")
+    records.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "metrics.json", records / f"{run_name}.json")
+    shutil.copyfile(out / "history.csv", records / f"{run_name}.csv")
 
 
 def recorded_runs(data: str, model_key: str, tuned: bool = False) -> list[dict]:

@@ -23,14 +23,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import shutil
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DATA_DIR = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "bench" / "results" / "sweep"
 RECORDS = ROOT / "docs" / "reproduction" / "sweep"
 REFERENCE = ROOT / "docs" / "reproduction"  # the paper-settings runs of bench/reproduce.py
@@ -77,20 +75,13 @@ def tag(settings: dict) -> str:
 
 
 def run(data: str, settings: dict, seed: int, args: argparse.Namespace) -> None:
-    from training.trainer import TrainConfig, train
+    from reproduce import train_and_record
 
     model_cfg = {k: v for k, v in settings.items() if k in MODEL_FIELDS}
     train_cfg = {k: v for k, v in settings.items() if k in TRAIN_FIELDS}
-    config = TrainConfig(
-        epochs=args.epochs, patience=args.patience, seed=seed, threads=args.threads, **train_cfg
-    )
+    print(f"== MQSA-TED on {data}, seed {seed}, {tag(settings)}", flush=True)
     name = f"{data}-mqsa-ted-{tag(settings)}-seed{seed}"
-    out = RESULTS / name
-    print(f"== MQSA-TED on {data}, seed {seed}, {tag(settings)} -> {out}", flush=True)
-    train(DATA_DIR / f"{data}.txt", out, model_cfg, config, progress=not args.quiet)
-    RECORDS.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(out / "metrics.json", RECORDS / f"{name}.json")
-    shutil.copyfile(out / "history.csv", RECORDS / f"{name}.csv")
+    train_and_record(data, name, model_cfg, train_cfg, seed, args, RESULTS, RECORDS)
 
 
 def changed(record: dict, reference: dict) -> str:
