@@ -111,13 +111,20 @@ def run_summary(run: dict) -> str:
 
 
 BLANK = " | | | | |"
-PAPER_TRAIN = {"lr": 1e-3, "l2": 1e-4, "lambda_kd": 0.1, "tau": 0.1, "time_span": 1, "batch_size": 256}
+MODEL_FIELDS = {"windows", "alpha", "dropout", "hidden_size", "num_blocks", "num_heads", "window_decay"}
+TRAIN_FIELDS = {"lr", "l2", "lambda_kd", "tau", "time_span", "batch_size"}
+SHORT = {"windows": "L", "lambda_kd": "kd", "window_decay": "decay", "hidden_size": "d"}
 
 
-def settings_label(run: dict) -> str:
-    """The training settings where a run differs from the paper's (spec section 7)."""
-    cfg = run["train_config"]
-    diffs = [f"{k} {cfg[k]:g}" for k, v in PAPER_TRAIN.items() if k != "lambda_kd" and cfg[k] != v]
+def changed(record: dict, reference: dict) -> str:
+    """The settings where ``record`` differs from the paper-settings ``reference`` run."""
+    diffs = []
+    for section, names in (("model_config", MODEL_FIELDS), ("train_config", TRAIN_FIELDS)):
+        for name in sorted(names):
+            value, default = record[section].get(name), reference[section].get(name)
+            if value != default:
+                shown = "+".join(map(str, value)) if isinstance(value, list) else f"{value:g}"
+                diffs.append(f"{SHORT.get(name, name)} {shown}")
     return ", ".join(diffs) or "paper settings"
 
 
@@ -165,11 +172,12 @@ def build_table() -> str:
             lines.append(
                 f"| {data} | {name} | paper | " + " | ".join(f"{v:.4f}" for v in paper) + " |" + BLANK
             )
-            lines += group_rows(data, name, "ours", recorded_runs(data, model_key), paper)
-            tuned = recorded_runs(data, model_key, tuned=True)
-            if tuned:
-                label = f"ours, tuned ({settings_label(tuned[0])})"
-                lines += group_rows(data, name, label, tuned, paper)
+            paper_runs = recorded_runs(data, model_key)
+            lines += group_rows(data, name, "ours", paper_runs, paper)
+            tuned_runs = recorded_runs(data, model_key, tuned=True)
+            if tuned_runs:
+                what = changed(tuned_runs[0], paper_runs[0]) if paper_runs else "see TUNED"
+                lines += group_rows(data, name, f"ours, tuned ({what})", tuned_runs, paper)
     lines.append("")
     for data in ("beauty", "sports"):
         for settings, tuned in (("paper settings", False), ("tuned settings", True)):

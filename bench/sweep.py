@@ -29,13 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from reproduce import MODEL_FIELDS, SHORT, TRAIN_FIELDS, changed  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "sweep"
 RECORDS = ROOT / "docs" / "reproduction" / "sweep"
 REFERENCE = ROOT / "docs" / "reproduction"  # the paper-settings runs of bench/reproduce.py
 TABLE = RECORDS / "README.md"
-MODEL_FIELDS = {"windows", "alpha", "dropout", "hidden_size", "num_blocks", "num_heads", "window_decay"}
-TRAIN_FIELDS = {"lr", "l2", "lambda_kd", "tau", "time_span", "batch_size"}
-SHORT = {"windows": "L", "lambda_kd": "kd", "window_decay": "decay", "hidden_size": "d"}
 METRICS = ("HR@10", "NDCG@10", "NDCG@20")
 
 
@@ -82,18 +81,6 @@ def run(data: str, settings: dict, seed: int, args: argparse.Namespace) -> None:
     print(f"== MQSA-TED on {data}, seed {seed}, {tag(settings)}", flush=True)
     name = f"{data}-mqsa-ted-{tag(settings)}-seed{seed}"
     train_and_record(data, name, model_cfg, train_cfg, seed, args, RESULTS, RECORDS)
-
-
-def changed(record: dict, reference: dict) -> str:
-    """The settings where ``record`` differs from the paper-settings ``reference`` run."""
-    diffs = []
-    for section, names in (("model_config", MODEL_FIELDS), ("train_config", TRAIN_FIELDS)):
-        for name in sorted(names):
-            value, default = record[section].get(name), reference[section].get(name)
-            if value != default:
-                shown = "+".join(map(str, value)) if isinstance(value, list) else f"{value:g}"
-                diffs.append(f"{SHORT.get(name, name)} {shown}")
-    return ", ".join(diffs) or "paper settings"
 
 
 def build_table() -> str:
