@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reproduce import MODEL_FIELDS, SHORT, TRAIN_FIELDS, changed  # noqa: E402
+from reproduce import MODEL_FIELDS, SHORT, TRAIN_FIELDS, changed, train_and_record  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "sweep"
 RECORDS = ROOT / "docs" / "reproduction" / "sweep"
@@ -74,8 +74,6 @@ def tag(settings: dict) -> str:
 
 
 def run(data: str, settings: dict, seed: int, args: argparse.Namespace) -> None:
-    from reproduce import train_and_record
-
     model_cfg = {k: v for k, v in settings.items() if k in MODEL_FIELDS}
     train_cfg = {k: v for k, v in settings.items() if k in TRAIN_FIELDS}
     print(f"== MQSA-TED on {data}, seed {seed}, {tag(settings)}", flush=True)
