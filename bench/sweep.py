@@ -9,9 +9,14 @@ and the table ``docs/reproduction/sweep/README.md`` is rebuilt from every record
     python bench/sweep.py --data sports --grid tau=0.05,0.2 --threads 1
     python bench/sweep.py --data sports --grid lr=5e-4,2e-3 l2=1e-5
     python bench/sweep.py --table-only
+    python bench/sweep.py --records docs/reproduction/sweep-h100 --grid lr=5e-4,1e-3   # a sweep of its own
 
 ``--grid`` takes ``name=v1,v2`` per setting and runs their product; names are
 MQSAConfig or TrainConfig fields (``window`` sets one long branch's L).
+
+``--records`` keeps a sweep apart from the others (one run on another device, say):
+its records and table go to that folder, and its own paper-settings run, if it has
+one, is the reference row instead of ``bench/reproduce.py``'s.
 
 The table is sorted by the **validation** NDCG@20 of the selected epoch: that is
 the only number a setting may be chosen by. The test columns are shown so a
@@ -31,10 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 from reproduce import MODEL_FIELDS, SHORT, TRAIN_FIELDS, changed, train_and_record  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "sweep"
+RESULTS = ROOT / "bench" / "results"
 RECORDS = ROOT / "docs" / "reproduction" / "sweep"
 REFERENCE = ROOT / "docs" / "reproduction"  # the paper-settings runs of bench/reproduce.py
-TABLE = RECORDS / "README.md"
 METRICS = ("HR@10", "NDCG@10", "NDCG@20")
 
 
@@ -73,15 +77,15 @@ def tag(settings: dict) -> str:
     return "-".join(parts)
 
 
-def run(data: str, settings: dict, seed: int, args: argparse.Namespace) -> None:
+def run(data: str, settings: dict, seed: int, args: argparse.Namespace, records: Path) -> None:
     model_cfg = {k: v for k, v in settings.items() if k in MODEL_FIELDS}
     train_cfg = {k: v for k, v in settings.items() if k in TRAIN_FIELDS}
     print(f"== MQSA-TED on {data}, seed {seed}, {tag(settings)}", flush=True)
     name = f"{data}-mqsa-ted-{tag(settings)}-seed{seed}"
-    train_and_record(data, name, model_cfg, train_cfg, seed, args, RESULTS, RECORDS)
+    train_and_record(data, name, model_cfg, train_cfg, seed, args, RESULTS / records.name, records)
 
 
-def build_table() -> str:
+def build_table(records_dir: Path = RECORDS) -> str:
     lines = [
         "# Sweeps on the validation split",
         "",
@@ -91,7 +95,7 @@ def build_table() -> str:
         "same epoch's, shown to say what a choice gives, never to choose.",
         "",
     ]
-    records = [json.loads(p.read_text()) for p in sorted(RECORDS.glob("*-seed*.json"))]
+    records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*-seed*.json"))]
     by_key: dict[tuple[str, int], list[dict]] = {}
     for r in records:
         data = Path(r["data"]["path"]).stem
@@ -101,29 +105,37 @@ def build_table() -> str:
         if not reference_path.exists():
             continue
         reference = json.loads(reference_path.read_text())
-        runs = sorted([reference, *runs], key=lambda r: -r["valid"]["NDCG@20"])
+        own = [r for r in runs if changed(r, reference) == "paper settings"]
+        if own:  # this sweep ran the paper settings itself: that run is its reference
+            reference = own[0]
+        else:
+            runs = [reference, *runs]
+        runs = sorted(runs, key=lambda r: -r["valid"]["NDCG@20"])
         lines += [
             f"## {data}, seed {seed}",
             "",
             "| settings | valid NDCG@20 | best epoch | "
             + " | ".join(f"test {m}" for m in METRICS)
-            + " | s/epoch | threads |",
-            "|---" * (len(METRICS) + 5) + "|",
+            + " | s/epoch | threads | device |",
+            "|---" * (len(METRICS) + 6) + "|",
         ]
         for r in runs:
             lines.append(
                 f"| {changed(r, reference)} | {r['valid']['NDCG@20']:.4f} | "
                 f"{r['best_epoch']}/{r['epochs_run']} | "
                 + " | ".join(f"{r['test'][m]:.4f}" for m in METRICS)
-                + f" | {r['seconds_per_epoch']:.1f} | {r['train_config']['threads'] or 'all'} |"
+                + f" | {r['seconds_per_epoch']:.1f} | {r['train_config']['threads'] or 'all'} | {r['device']} |"
             )
         lines.append("")
     return "\n".join(lines)
 
 
-def write_table() -> None:
-    RECORDS.mkdir(parents=True, exist_ok=True)
-    TABLE.write_text(build_table())
+def write_table(records: Path) -> Path:
+    """Rebuild ``records/README.md`` from the records in that folder; returns its path."""
+    records.mkdir(parents=True, exist_ok=True)
+    table = records / "README.md"
+    table.write_text(build_table(records))
+    return table
 
 
 def main() -> None:
@@ -138,16 +150,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument(
+        "--records", type=Path, default=RECORDS, help=f"folder for the records and table (default {RECORDS})"
+    )
     args = parser.parse_args()
+    records = args.records.resolve()
     if not args.table_only:
         if not args.grid:
             parser.error("--grid is required unless --table-only")
         for settings in parse_grid(args.grid):
             for seed in args.seeds:
-                run(args.data, settings, seed, args)
-                write_table()
-    write_table()
-    print(TABLE.read_text())
+                run(args.data, settings, seed, args, records)
+                write_table(records)
+    print(write_table(records).read_text())
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, history: list[np.n
     """Rank of each target after removing the history items.
 
     Args:
-        scores: (B, N) float, modified in place (history set to -inf).
+        scores: (B, N) float on any device, modified in place (history set to -inf).
         targets: (B,) item indices.
         history: B arrays of item indices to remove.
 
@@ -63,8 +63,9 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, history: list[np.n
     """
     rows = np.repeat(np.arange(len(history)), [len(h) for h in history])
     cols = np.concatenate(history) if len(history) else np.empty(0, dtype=np.int64)
-    scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
-    target_scores = scores.gather(1, targets[:, None])  # (B, 1)
+    device = scores.device
+    scores[torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)] = -torch.inf
+    target_scores = scores.gather(1, targets.to(device)[:, None])  # (B, 1)
     return (scores > target_scores).sum(1, dtype=torch.int32).long()  # int32 sums run ~2x faster
 
 
@@ -96,7 +97,7 @@ def evaluate_scores(
         scores = score_fn([eval_set.inputs[u] for u in users]).float()
         targets = torch.from_numpy(eval_set.targets[users])
         history = [eval_set.history[u] for u in users]
-        ranks[torch.from_numpy(users)] = target_ranks(scores.cpu(), targets, history)
+        ranks[torch.from_numpy(users)] = target_ranks(scores, targets, history).cpu()  # on the scores' device
     return metrics_from_ranks(ranks)
 
 
