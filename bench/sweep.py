@@ -26,6 +26,7 @@ reader can see what the choice costs or gains, never to choose.
 from __future__ import annotations
 
 import argparse
+import csv
 import itertools
 import json
 import sys
@@ -127,7 +128,38 @@ def build_table(records_dir: Path = RECORDS) -> str:
                 + f" | {r['seconds_per_epoch']:.1f} | {r['train_config']['threads'] or 'all'} | {r['device']} |"
             )
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + stopped_rows(records_dir))
+
+
+def stopped_rows(records_dir: Path) -> list[str]:
+    """A section for runs stopped before their patience ran out: only their history was kept.
+
+    They have no selected epoch and so no test numbers; their best validation
+    NDCG@20 so far says how far they got, not what they would have reached.
+    """
+    paths = sorted(records_dir.glob("*-stopped.csv"))
+    if not paths:
+        return []
+    lines = [
+        "## Stopped runs",
+        "",
+        "Stopped or crashed before the patience ran out, so no epoch was selected and there are",
+        "no test numbers; the history up to the stop is the file named.",
+        "",
+        "| run | epochs run | best valid NDCG@20 so far (epoch) | epochs since | last valid NDCG@20 |",
+        "|---|---|---|---|---|",
+    ]
+    for path in paths:
+        with path.open(newline="") as f:
+            valid = [float(row["valid_NDCG@20"]) for row in csv.DictReader(f) if row.get("valid_NDCG@20")]
+        if not valid:
+            continue
+        best = max(range(len(valid)), key=valid.__getitem__)
+        lines.append(
+            f"| [{path.stem}]({path.name}) | {len(valid)} | {valid[best]:.4f} ({best + 1}) | "
+            f"{len(valid) - best - 1} | {valid[-1]:.4f} |"
+        )
+    return [*lines, ""]
 
 
 def write_table(records: Path) -> Path:
