@@ -12,6 +12,7 @@ non-zero transition counts plus one shared probability for every other item.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +91,38 @@ def linear_logsumexp(
     return LinearLogSumExp.apply(queries.float(), table.float(), weights.detach().float(), chunk, dtype)
 
 
+class _SparseProduct(torch.autograd.Function):
+    """``matrix @ dense``, differentiable in ``dense``, with the transpose given up front.
+
+    ``torch.sparse.mm`` builds and sorts the transpose of a COO matrix in every
+    backward pass (CUDA sort kernels, every step); the teacher is fixed, so its
+    transpose is built once.
+    """
+
+    @staticmethod
+    def forward(ctx, dense, matrix, matrix_t):  # type: ignore[override]
+        # dense (N, D), matrix and matrix_t (N, N) sparse CSR -> (N, D)
+        ctx.matrix_t = matrix_t
+        return matrix @ dense
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return ctx.matrix_t @ grad.contiguous(), None, None
+
+
+def _csr(crow: np.ndarray, col: np.ndarray, values: np.ndarray, n: int) -> torch.Tensor:
+    """An (n, n) CSR tensor; the invariants are checked once, here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(crow.astype(np.int64)),
+            torch.from_numpy(col.astype(np.int64)),
+            torch.from_numpy(values),
+            (n, n),
+            check_invariants=True,
+        )
+
+
 @dataclass
 class TEDTeacher:
     """The sparse teacher of spec section 6.2, for every item.
@@ -101,11 +134,13 @@ class TEDTeacher:
     A row with no transitions has the uniform teacher (shared = 1/N).
 
     Attributes:
-        delta: (N, N) sparse COO float32, nnz = the graph's.
+        delta: (N, N) sparse CSR float32, nnz = the graph's.
+        delta_t: (N, N) sparse CSR, ``delta`` transposed (for the backward pass).
         shared: (N,) float32.
     """
 
     delta: torch.Tensor
+    delta_t: torch.Tensor
     shared: torch.Tensor
 
     @classmethod
@@ -125,14 +160,23 @@ class TEDTeacher:
         norm = (n - lengths) * zero
         np.add.at(norm, rows, nz)
         shared = zero / norm
-        delta = nz / norm[rows] - shared[rows]
-        index = torch.from_numpy(np.stack([rows, graph.indices]).astype(np.int64))
-        values = torch.from_numpy(delta.astype(np.float32))
-        matrix = torch.sparse_coo_tensor(index, values, (n, n), check_invariants=False)
-        return cls(delta=matrix.coalesce(), shared=torch.from_numpy(shared.astype(np.float32)))
+        delta = (nz / norm[rows] - shared[rows]).astype(np.float32)
+        # The graph is row-major with sorted columns, so (rows, indices) is already CSR;
+        # a stable sort by column gives the transpose's CSR, rows still sorted within.
+        crow = np.concatenate([[0], np.cumsum(lengths)])
+        by_col = np.argsort(graph.indices, kind="stable")
+        crow_t = np.concatenate([[0], np.cumsum(np.bincount(graph.indices, minlength=n))])
+        return cls(
+            delta=_csr(crow, graph.indices, delta, n),
+            delta_t=_csr(crow_t, rows[by_col], delta[by_col], n),
+            shared=torch.from_numpy(shared.astype(np.float32)),
+        )
 
-    def to(self, device: torch.device | str) -> TEDTeacher:
-        return TEDTeacher(delta=self.delta.to(device), shared=self.shared.to(device))
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TEDTeacher:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            parts = (self.delta, self.delta_t, self.shared)
+            return TEDTeacher(*(t.to(device=device, dtype=dtype) for t in parts))
 
     def expected_embeddings(self, table: torch.Tensor) -> torch.Tensor:
         """(N, D) sum_j t_i[j] * table_j for every item i: the teacher-weighted item mean.
@@ -140,7 +184,7 @@ class TEDTeacher:
         Computed as shared_i * sum_j table_j + (delta @ table)_i: one sparse
         product, differentiable with respect to ``table``.
         """
-        return self.shared[:, None] * table.sum(0) + torch.sparse.mm(self.delta, table)
+        return self.shared[:, None] * table.sum(0) + _SparseProduct.apply(table, self.delta, self.delta_t)
 
 
 def ted_linear_term(

@@ -33,7 +33,7 @@ def random_graph(time_span: int, seed: int = 0) -> tuple[TransitionGraph, list[n
 
 
 def double(teacher: TEDTeacher) -> TEDTeacher:
-    return TEDTeacher(delta=teacher.delta.double(), shared=teacher.shared.double())
+    return teacher.to(dtype=torch.float64)
 
 
 # ---------------------------------------------------------------- TED teacher and sparse loss
@@ -52,6 +52,16 @@ def test_teacher_rows_equal_dense_softmax(time_span: int, tau: float) -> None:
     torch.testing.assert_close(dense.sum(1), torch.ones(N, dtype=torch.float64), atol=1e-6, rtol=0)
     assert teacher.shared[N - 1].item() == pytest.approx(1 / N)
     assert teacher.delta._nnz() == graph.nnz
+
+
+@pytest.mark.parametrize("time_span", [1, 2])
+def test_teacher_transpose_is_the_transpose(time_span: int) -> None:
+    """The backward pass multiplies by delta_t: it must be delta transposed, entry for entry."""
+    graph, _ = random_graph(time_span, seed=time_span)
+    teacher = TEDTeacher.from_graph(graph, 0.1)
+    assert teacher.delta.layout == teacher.delta_t.layout == torch.sparse_csr
+    torch.testing.assert_close(teacher.delta_t.to_dense(), teacher.delta.to_dense().T, atol=0, rtol=0)
+    assert teacher.delta_t._nnz() == graph.nnz
 
 
 def test_teacher_rejects_bad_tau() -> None:
