@@ -110,10 +110,13 @@ class _SparseProduct(torch.autograd.Function):
         return ctx.matrix_t @ grad.contiguous(), None, None
 
 
+_CSR_BETA = "Sparse CSR tensor support is in beta"  # torch's warning on every CSR tensor made
+
+
 def _csr(crow: np.ndarray, col: np.ndarray, values: np.ndarray, n: int) -> torch.Tensor:
     """An (n, n) CSR tensor; the invariants are checked once, here."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message=_CSR_BETA)
         return torch.sparse_csr_tensor(
             torch.from_numpy(crow.astype(np.int64)),
             torch.from_numpy(col.astype(np.int64)),
@@ -174,7 +177,7 @@ class TEDTeacher:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TEDTeacher:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            warnings.filterwarnings("ignore", message=_CSR_BETA)
             parts = (self.delta, self.delta_t, self.shared)
             return TEDTeacher(*(t.to(device=device, dtype=dtype) for t in parts))
 
