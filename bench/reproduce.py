@@ -111,8 +111,19 @@ def run_summary(run: dict) -> str:
 
 
 BLANK = " | | | | |"
-MODEL_FIELDS = {"windows", "alpha", "dropout", "hidden_size", "num_blocks", "num_heads", "window_decay"}
-TRAIN_FIELDS = {"lr", "l2", "lambda_kd", "tau", "time_span", "batch_size"}
+MODEL_FIELDS = {
+    "windows",
+    "alpha",
+    "dropout",
+    "hidden_size",
+    "num_blocks",
+    "num_heads",
+    "window_decay",
+    "linear_init",
+}
+TRAIN_FIELDS = {"lr", "adam_beta2", "l2", "lambda_kd", "tau", "time_span", "batch_size"}
+# Settings added after the first records were written: a record without one ran with this value.
+LATER_DEFAULTS = {"linear_init": "torch", "adam_beta2": 0.999}
 SHORT = {"windows": "L", "lambda_kd": "kd", "window_decay": "decay", "hidden_size": "d"}
 
 
@@ -121,9 +132,13 @@ def changed(record: dict, reference: dict) -> str:
     diffs = []
     for section, names in (("model_config", MODEL_FIELDS), ("train_config", TRAIN_FIELDS)):
         for name in sorted(names):
-            value, default = record[section].get(name), reference[section].get(name)
+            value = record[section].get(name, LATER_DEFAULTS.get(name))
+            default = reference[section].get(name, LATER_DEFAULTS.get(name))
             if value != default:
-                shown = "+".join(map(str, value)) if isinstance(value, list) else f"{value:g}"
+                if isinstance(value, list):
+                    shown = "+".join(map(str, value))
+                else:
+                    shown = value if isinstance(value, str) else f"{value:g}"
                 diffs.append(f"{SHORT.get(name, name)} {shown}")
     return ", ".join(diffs) or "paper settings"
 

@@ -41,11 +41,12 @@ RESULTS = ROOT / "bench" / "results"
 RECORDS = ROOT / "docs" / "reproduction" / "sweep"
 REFERENCE = ROOT / "docs" / "reproduction"  # the paper-settings runs of bench/reproduce.py
 METRICS = ("HR@10", "NDCG@10", "NDCG@20")
+TEXT_FIELDS = {"linear_init"}  # settings whose values are words, not numbers
 
 
-def parse_grid(specs: list[str]) -> list[dict[str, float | int | tuple[int, ...]]]:
+def parse_grid(specs: list[str]) -> list[dict[str, float | int | str | tuple[int, ...]]]:
     """``["tau=0.05,0.2", "lr=1e-3"]`` -> one settings dict per point of the product."""
-    axes: list[list[tuple[str, float | int | tuple[int, ...]]]] = []
+    axes: list[list[tuple[str, float | int | str | tuple[int, ...]]]] = []
     for spec in specs:
         name, sep, values = spec.partition("=")
         name = "windows" if name == "window" else name
@@ -56,6 +57,9 @@ def parse_grid(specs: list[str]) -> list[dict[str, float | int | tuple[int, ...]
             raise SystemExit(f"--grid {spec!r}: unknown setting {name!r}; known: {', '.join(known)}")
         points = []
         for raw in values.split(","):
+            if name in TEXT_FIELDS:
+                points.append((name, raw))
+                continue
             try:
                 value = float(raw)
             except ValueError as exc:
@@ -73,7 +77,10 @@ def tag(settings: dict) -> str:
     """A file-name tag for a settings dict: {"tau": 0.05, "windows": (2,)} -> "tau0.05-L2"."""
     parts = []
     for name, value in settings.items():
-        shown = "+".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}"
+        if isinstance(value, tuple):
+            shown = "+".join(map(str, value))
+        else:
+            shown = value if isinstance(value, str) else f"{value:g}"
         parts.append(f"{SHORT.get(name, name)}{shown}")
     return "-".join(parts)
 

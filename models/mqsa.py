@@ -41,6 +41,10 @@ class MQSAConfig:
         learn_alpha: learn alpha (as a sigmoid of a scalar) instead of fixing it.
         window_decay: weight of a window item k steps back is decay**k; 1.0 is
             the paper's plain mean over the real items of the window.
+        linear_init: initialisation of the attention and FFN layers, which the spec
+            leaves open: "torch" (PyTorch's default, Kaiming-uniform weights and
+            uniform biases) or "glorot" (Glorot-uniform weights and zero biases,
+            TensorFlow's default for the dense layers of the authors' TF code).
     """
 
     num_items: int
@@ -53,6 +57,7 @@ class MQSAConfig:
     alpha: float = 0.5
     learn_alpha: bool = False
     window_decay: float = 1.0
+    linear_init: str = "torch"
 
     def __post_init__(self) -> None:
         self.windows = tuple(int(w) for w in self.windows)
@@ -72,6 +77,8 @@ class MQSAConfig:
             raise ValueError("a learned alpha must start strictly between 0 and 1")
         if not 0.0 < self.window_decay <= 1.0:
             raise ValueError(f"window_decay must be in (0, 1], got {self.window_decay}")
+        if self.linear_init not in ("torch", "glorot"):
+            raise ValueError(f"linear_init must be 'torch' or 'glorot', got {self.linear_init!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -231,6 +238,11 @@ class MQSA(nn.Module):
     def _init_weights(self) -> None:
         nn.init.normal_(self.item_emb.weight, std=0.01)
         nn.init.normal_(self.pos_emb.weight, std=0.01)
+        if self.config.linear_init == "glorot":
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.xavier_uniform_(module.weight)
+                    nn.init.zeros_(module.bias)
         with torch.no_grad():
             self.item_emb.weight[self.config.padding_idx].zero_()
 

@@ -46,6 +46,8 @@ class TrainConfig:
         epochs: the most epochs to run.
         batch_size: users per batch.
         lr: Adam learning rate.
+        adam_beta2: Adam's second-moment decay; the spec leaves it open (PyTorch's
+            default 0.999; the TF SASRec code uses 0.98).
         l2: weight of the explicit penalty sum ||w||^2 / 2.
         lambda_kd: weight of the TED loss (0 turns TED off).
         tau: TED temperature.
@@ -63,6 +65,7 @@ class TrainConfig:
     epochs: int = 200
     batch_size: int = 256
     lr: float = 1e-3
+    adam_beta2: float = 0.999
     l2: float = 1e-4
     lambda_kd: float = 0.1
     tau: float = 0.1
@@ -81,6 +84,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.tau <= 0:
             raise ValueError("lr and tau must be > 0")
+        if not 0.0 < self.adam_beta2 < 1.0:
+            raise ValueError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2}")
         if self.l2 < 0 or self.lambda_kd < 0 or self.patience < 0:
             raise ValueError("l2, lambda_kd and patience must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -207,7 +212,7 @@ def train(
         }
 
     model = MQSA(cfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, config.adam_beta2))
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {"epoch": 0, "valid": {SELECT_METRIC: -1.0}, "test": {}}
     best_state = copy.deepcopy(model.state_dict())

@@ -245,6 +245,23 @@ def test_padding_row_is_zero_and_gets_no_gradient() -> None:
     assert weight.grad[used].abs().sum(1).min() > 0
 
 
+def test_linear_init_glorot_zeroes_biases_and_widens_weights() -> None:
+    torch.manual_seed(0)
+    default = MQSA(tiny_config(hidden_size=64, num_blocks=1))
+    torch.manual_seed(0)
+    glorot = MQSA(tiny_config(hidden_size=64, num_blocks=1, linear_init="glorot"))
+    linears = [m for m in glorot.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 * 5  # short and long branch: query, key, value, two FFN layers
+    for layer in linears:
+        assert layer.bias.abs().max() == 0
+        assert layer.weight.std().item() == pytest.approx((2 / (64 + 64)) ** 0.5, rel=0.1)
+    torch_query = default.short.blocks[0].query
+    assert torch_query.bias.abs().max() > 0
+    assert torch_query.weight.std().item() == pytest.approx((1 / (3 * 64)) ** 0.5, rel=0.1)
+    # the embeddings are drawn first, so both inits share them
+    torch.testing.assert_close(glorot.item_emb.weight, default.item_emb.weight)
+
+
 def test_item_embeddings_leave_out_padding() -> None:
     model = tiny_model()
     table = model.item_embeddings()
@@ -287,6 +304,7 @@ def test_checkpoint_round_trip(tmp_path) -> None:
         ({"window_decay": 0.0}, "window_decay"),
         ({"window_decay": 1.5}, "window_decay"),
         ({"alpha": 1.0, "learn_alpha": True}, "alpha"),
+        ({"linear_init": "xavier"}, "linear_init"),
     ],
 )
 def test_config_rejects_bad_values(overrides: dict, field: str) -> None:

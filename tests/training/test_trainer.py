@@ -86,10 +86,17 @@ def test_nothing_to_train_on_is_a_clear_error(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("epochs", 0), ("lr", 0.0), ("device", "tpu"), ("precision", "fp8"), ("patience", -1)],
+    [
+        ("epochs", 0),
+        ("lr", 0.0),
+        ("adam_beta2", 1.0),
+        ("device", "tpu"),
+        ("precision", "fp8"),
+        ("patience", -1),
+    ],
 )
 def test_bad_train_config(field: str, value) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
 
 
