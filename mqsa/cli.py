@@ -76,6 +76,7 @@ def _train(args: argparse.Namespace) -> None:
         "alpha": args.alpha,
         "learn_alpha": args.learn_alpha,
         "window_decay": args.window_decay,
+        "linear_init": args.linear_init,
     }
     names = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
@@ -215,9 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--alpha", type=float, default=0.5, help="short-branch weight (1 = SASRec)")
     t.add_argument("--learn-alpha", action="store_true")
     t.add_argument("--window-decay", type=float, default=1.0, help="1 = plain window mean")
+    t.add_argument(
+        "--linear-init",
+        default="torch",
+        choices=["torch", "glorot"],
+        help="attention/FFN layer init: PyTorch's default or Glorot weights with zero biases (TF's)",
+    )
     t.add_argument("--epochs", type=int, default=200)
     t.add_argument("--batch-size", type=int, default=256)
     t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--adam-beta2", type=float, default=0.999, help="Adam's second-moment decay")
     t.add_argument("--l2", type=float, default=1e-4)
     t.add_argument("--lambda-kd", type=float, default=0.1, help="TED weight (0 = no TED)")
     t.add_argument("--tau", type=float, default=0.1)

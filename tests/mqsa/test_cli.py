@@ -25,7 +25,7 @@ def test_synth_stats_train_evaluate(tmp_path) -> None:
     assert "users  300" in stats.stdout and "items  80" in stats.stdout
     run = tmp_path / "run"
     args = ["--data", str(data / "sequences.txt"), "--out", str(run), "--epochs", "1", "--max-len", "10"]
-    trained = mqsa("train", *args, "--hidden-size", "16")
+    trained = mqsa("train", *args, "--hidden-size", "16", "--linear-init", "glorot", "--adam-beta2", "0.98")
     assert trained.returncode == 0, trained.stderr
     assert "| ItemTransition |" in trained.stdout and "best epoch 1" in trained.stdout
     evaluated = mqsa(
@@ -34,6 +34,7 @@ def test_synth_stats_train_evaluate(tmp_path) -> None:
     assert evaluated.returncode == 0, evaluated.stderr
     result = json.loads(evaluated.stdout)
     saved = json.loads((run / "metrics.json").read_text())
+    assert saved["model_config"]["linear_init"] == "glorot" and saved["train_config"]["adam_beta2"] == 0.98
     assert abs(result["test"]["NDCG@10"] - saved["test"]["NDCG@10"]) < 1e-6
 
 
