@@ -127,6 +127,13 @@ LATER_DEFAULTS = {"linear_init": "torch", "adam_beta2": 0.999}
 SHORT = {"windows": "L", "lambda_kd": "kd", "window_decay": "decay", "hidden_size": "d"}
 
 
+def shown(value: float | str | list[int] | tuple[int, ...]) -> str:
+    """A setting's value as tables and file names show it: 0.0003, glorot, 2+4."""
+    if isinstance(value, list | tuple):
+        return "+".join(map(str, value))
+    return value if isinstance(value, str) else f"{value:g}"
+
+
 def changed(record: dict, reference: dict) -> str:
     """The settings where ``record`` differs from the paper-settings ``reference`` run."""
     diffs = []
@@ -135,11 +142,7 @@ def changed(record: dict, reference: dict) -> str:
             value = record[section].get(name, LATER_DEFAULTS.get(name))
             default = reference[section].get(name, LATER_DEFAULTS.get(name))
             if value != default:
-                if isinstance(value, list):
-                    shown = "+".join(map(str, value))
-                else:
-                    shown = value if isinstance(value, str) else f"{value:g}"
-                diffs.append(f"{SHORT.get(name, name)} {shown}")
+                diffs.append(f"{SHORT.get(name, name)} {shown(value)}")
     return ", ".join(diffs) or "paper settings"
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reproduce import MODEL_FIELDS, SHORT, TRAIN_FIELDS, changed, train_and_record  # noqa: E402
+from reproduce import MODEL_FIELDS, SHORT, TRAIN_FIELDS, changed, shown, train_and_record  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 RECORDS = ROOT / "docs" / "reproduction" / "sweep"
@@ -75,14 +75,7 @@ def parse_grid(specs: list[str]) -> list[dict[str, float | int | str | tuple[int
 
 def tag(settings: dict) -> str:
     """A file-name tag for a settings dict: {"tau": 0.05, "windows": (2,)} -> "tau0.05-L2"."""
-    parts = []
-    for name, value in settings.items():
-        if isinstance(value, tuple):
-            shown = "+".join(map(str, value))
-        else:
-            shown = value if isinstance(value, str) else f"{value:g}"
-        parts.append(f"{SHORT.get(name, name)}{shown}")
-    return "-".join(parts)
+    return "-".join(f"{SHORT.get(name, name)}{shown(value)}" for name, value in settings.items())
 
 
 def run(data: str, settings: dict, seed: int, args: argparse.Namespace, records: Path) -> None:
