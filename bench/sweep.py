@@ -125,10 +125,16 @@ def build_table(records_dir: Path = RECORDS) -> str:
                 f"| {changed(r, reference)} | {r['valid']['NDCG@20']:.4f} | "
                 f"{r['best_epoch']}/{r['epochs_run']} | "
                 + " | ".join(f"{r['test'][m]:.4f}" for m in METRICS)
-                + f" | {r['seconds_per_epoch']:.1f} | {r['train_config']['threads'] or 'all'} | {r['device']} |"
+                + f" | {r['seconds_per_epoch']:.1f} | {r['train_config']['threads'] or 'all'} | {hardware(r)} |"
             )
         lines.append("")
     return "\n".join(lines + stopped_rows(records_dir))
+
+
+def hardware(record: dict) -> str:
+    """The device column: its type, and the CPU or GPU model where the record names it."""
+    name = record.get("device_name")  # records from before session 6 lack it
+    return f"{record['device']} ({name})" if name else record["device"]
 
 
 def stopped_rows(records_dir: Path) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -133,6 +134,23 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but CUDA is not available")
     return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    """The hardware behind ``device``: the GPU's name, or the CPU model from /proc/cpuinfo.
+
+    Timings from different CPUs differ by 2x on these machines, so the records name it.
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or device.type
 
 
 def file_sha256(path: str | Path) -> str:
@@ -283,6 +301,7 @@ def train(
         "model_config": cfg.to_dict(),
         "train_config": asdict(config),
         "device": str(device),
+        "device_name": device_name(device),
         "epochs_run": len(history),
         "best_epoch": best["epoch"],
         "valid": best["valid"],

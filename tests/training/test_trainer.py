@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +34,16 @@ def test_run_writes_its_reports(trained_run) -> None:
     assert float(rows[1]["loss"]) < float(rows[0]["loss"])
     assert all(float(r["kd"]) > 0 for r in rows)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_record_names_the_hardware(trained_run) -> None:
+    metrics = trained_run["metrics"]
+    assert metrics["device"] == "cpu"
+    name = metrics["device_name"]
+    assert name and "\n" not in name
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if "model name" in cpuinfo:  # x86 Linux, these machines: the CPU model itself
+        assert f": {name}\n" in cpuinfo and name != "cpu"
 
 
 def test_checkpoint_alone_rebuilds_the_model(trained_run) -> None:
