@@ -15,6 +15,10 @@ paper's numbers (spec section 8).
 Model selection uses the validation NDCG@20 only; test numbers are those of
 the selected epoch. ``--patience`` stops a run after that many epochs without
 a better validation NDCG@20 (the paper trains up to 200 epochs).
+
+A run writes ``last.pt`` after every epoch; ``--resume`` lets a run that was
+stopped (a session ended, a machine was taken back) go on from its last finished
+epoch with the same command plus ``--resume``, bit-identically on one process.
 """
 
 from __future__ import annotations
@@ -83,8 +87,9 @@ def train_and_record(
         epochs=args.epochs, patience=args.patience, seed=seed, threads=args.threads, **train_cfg
     )
     out = results / run_name
-    print(f"   -> {out}", flush=True)
-    train(DATA_DIR / f"{data}.txt", out, model_cfg, config, progress=not args.quiet)
+    resume = args.resume and (out / "last.pt").exists()
+    print(f"   -> {out}{' (resumed)' if resume else ''}", flush=True)
+    train(DATA_DIR / f"{data}.txt", out, model_cfg, config, progress=not args.quiet, resume=resume)
     records.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out / "metrics.json", records / f"{run_name}.json")
     shutil.copyfile(out / "history.csv", records / f"{run_name}.csv")
@@ -242,6 +247,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument(
+        "--resume", action="store_true", help="runs with a last.pt in bench/results go on from it"
+    )
     args = parser.parse_args()
     if not args.table_only:
         for data in args.data:

@@ -18,6 +18,8 @@ MQSAConfig or TrainConfig fields (``window`` sets one long branch's L).
 its records and table go to that folder, and its own paper-settings run, if it has
 one, is the reference row instead of ``bench/reproduce.py``'s.
 
+``--resume`` goes on from ``last.pt`` for a run that was stopped, as in reproduce.py.
+
 The table is sorted by the **validation** NDCG@20 of the selected epoch: that is
 the only number a setting may be chosen by. The test columns are shown so a
 reader can see what the choice costs or gains, never to choose.
@@ -188,6 +190,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument(
+        "--resume", action="store_true", help="runs with a last.pt in bench/results go on from it"
+    )
     parser.add_argument(
         "--records", type=Path, default=RECORDS, help=f"folder for the records and table (default {RECORDS})"
     )

@@ -80,7 +80,7 @@ def _train(args: argparse.Namespace) -> None:
     }
     names = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-    metrics = train(args.data, args.out, model_config, config, progress=not args.quiet)
+    metrics = train(args.data, args.out, model_config, config, progress=not args.quiet, resume=args.resume)
     print(
         f"best epoch {metrics['best_epoch']}; checkpoint {args.out}/best.pt; metrics {args.out}/metrics.json"
     )
@@ -237,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     t.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from OUT/last.pt (written after every epoch) with the same settings; "
+        "--epochs, --patience and --threads may change",
+    )
     t.set_defaults(func=_train)
 
     x = sub.add_parser("export", help="checkpoint -> serving bundle (ONNX encoder, FAISS index, manifest)")

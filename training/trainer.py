@@ -31,6 +31,7 @@ from training.evaluation import (
     popularity,
 )
 from training.losses import TEDTeacher, mqsa_loss
+from training.run_state import ResumeError, RunState, capture_rng, load_run_state, restore_rng, save_run_state
 from training.sequences import LeaveOneOut, left_pad, read_sequences, split_leave_one_out
 from training.transitions import TransitionGraph
 from training.vocabulary import vocabulary_for
@@ -167,6 +168,7 @@ def train(
     model_config: dict[str, Any] | None = None,
     config: TrainConfig | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train MQSA-TED on a sequence file and write the best checkpoint and reports.
 
@@ -177,9 +179,14 @@ def train(
         model_config: MQSAConfig fields other than num_items.
         config: optimisation settings.
         progress: show a progress bar per epoch and print the final table.
+        resume: go on from ``out_dir/last.pt`` (written after every epoch) instead
+            of starting afresh; see ``training.run_state``.
 
     Returns:
         The content of ``metrics.json``.
+
+    Raises:
+        ResumeError: ``resume`` without a usable ``last.pt`` for these settings and data.
     """
     config = config or TrainConfig()
     model_config = dict(model_config or {})
@@ -236,8 +243,26 @@ def train(
     best_state = copy.deepcopy(model.state_dict())
     stale, started = 0, time.perf_counter()
     train_seconds = 0.0
+    first_epoch, resumed_at, earlier_wall = 1, [], 0.0
+    fingerprint = {
+        "train_config": asdict(config),
+        "model_config": cfg.to_dict(),
+        "data": {"sha256": data_info["sha256"]},
+    }
+    if resume:
+        if world.distributed:
+            raise ResumeError("resume runs on one process only: each rank's dropout generator differs")
+        state = load_run_state(out_dir / "last.pt", fingerprint)
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        restore_rng(state, rng)
+        history, best, best_state, stale = state.history, state.best, state.best_state, state.stale
+        train_seconds, earlier_wall, first_epoch = state.train_seconds, state.wall_seconds, state.epoch + 1
+        resumed_at = [*state.resumed_at, state.epoch]
+    stopped = bool(config.patience and stale >= config.patience)  # a resumed run that had stopped
+    last_epoch = first_epoch - 1 if stopped else config.epochs
 
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(first_epoch, last_epoch + 1):
         model.train()
         epoch_start = time.perf_counter()
         order = rng.permutation(len(examples))
@@ -290,6 +315,11 @@ def train(
         report.epoch_line(row, best["epoch"] == epoch, progress)
         if world.is_main:
             report.write_history(history, out_dir / "history.csv")  # watchable while a long run goes on
+            state = RunState(
+                epoch, model.state_dict(), optimizer.state_dict(), best, best_state, history, stale,
+                train_seconds, earlier_wall + time.perf_counter() - started, resumed_at, **capture_rng(rng),
+            )  # fmt: skip
+            save_run_state(out_dir / "last.pt", state, fingerprint)
         if config.patience and stale >= config.patience:
             break
 
@@ -309,7 +339,8 @@ def train(
         "baselines": baselines,
         "seconds_per_epoch": train_seconds / max(1, len(history)),
         "train_seconds": train_seconds,
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": earlier_wall + time.perf_counter() - started,
+        "resumed_at": resumed_at,
         "distributed": {"world_size": world.size, "replica_checksums": replica_checksums},
     }
     if not world.is_main:

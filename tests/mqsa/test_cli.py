@@ -36,6 +36,12 @@ def test_synth_stats_train_evaluate(tmp_path) -> None:
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["model_config"]["linear_init"] == "glorot" and saved["train_config"]["adam_beta2"] == 0.98
     assert abs(result["test"]["NDCG@10"] - saved["test"]["NDCG@10"]) < 1e-6
+    longer = [*args[:5], "2", *args[6:], "--hidden-size", "16", "--linear-init", "glorot"]
+    resumed = mqsa("train", *longer, "--adam-beta2", "0.98", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run / "metrics.json").read_text())["resumed_at"] == [1]
+    refused = mqsa("train", *longer, "--resume")  # Adam's beta2 left at its default this time
+    assert refused.returncode == 2 and "train_config.adam_beta2: 0.98 -> 0.999" in refused.stderr
 
 
 def test_prepare_from_raw_log(tmp_path) -> None:
