@@ -316,9 +316,18 @@ def train(
         if world.is_main:
             report.write_history(history, out_dir / "history.csv")  # watchable while a long run goes on
             state = RunState(
-                epoch, model.state_dict(), optimizer.state_dict(), best, best_state, history, stale,
-                train_seconds, earlier_wall + time.perf_counter() - started, resumed_at, **capture_rng(rng),
-            )  # fmt: skip
+                epoch=epoch,
+                model=model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                best=best,
+                best_state=best_state,
+                history=history,
+                stale=stale,
+                train_seconds=train_seconds,
+                wall_seconds=earlier_wall + time.perf_counter() - started,
+                resumed_at=resumed_at,
+                **capture_rng(rng),
+            )
             save_run_state(out_dir / "last.pt", state, fingerprint)
         if config.patience and stale >= config.patience:
             break
