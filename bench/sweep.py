@@ -105,15 +105,18 @@ def build_table(records_dir: Path = RECORDS) -> str:
         by_key.setdefault((data, r["train_config"]["seed"]), []).append(r)
     for (data, seed), runs in sorted(by_key.items()):
         reference_path = REFERENCE / f"{data}-mqsa-ted-seed{seed}.json"
-        others = sorted(REFERENCE.glob(f"{data}-mqsa-ted-seed*.json"))
-        if not reference_path.exists() and not others:
-            raise SystemExit(f"no paper-settings record of {data} in {REFERENCE} to name the settings by")
-        # No paper-settings run of this seed: another seed's record names the settings (seed aside).
-        reference = json.loads((reference_path if reference_path.exists() else others[0]).read_text())
+        seed_has_reference = reference_path.exists()
+        if not seed_has_reference:
+            # No paper-settings run of this seed: another seed's record names the settings (seed aside).
+            others = sorted(REFERENCE.glob(f"{data}-mqsa-ted-seed*.json"))
+            if not others:
+                raise SystemExit(f"no paper-settings record of {data} in {REFERENCE} to name the settings by")
+            reference_path = others[0]
+        reference = json.loads(reference_path.read_text())
         own = [r for r in runs if changed(r, reference) == "paper settings"]
         if own:  # this sweep ran the paper settings itself: that run is its reference
             reference = own[0]
-        elif reference_path.exists():
+        elif seed_has_reference:
             runs = [reference, *runs]
         runs = sorted(runs, key=lambda r: -r["valid"]["NDCG@20"])
         lines += [
