@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format demo reproduce clean
+.PHONY: help setup test lint format demo reproduce readme-settings clean
 
 help: ## list the tasks
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ demo: ## synthetic data -> train -> export -> Redis -> serve; prints a recommend
 
 reproduce: ## train MQSA-TED and SASRec on Beauty and Sports (hours; writes docs/reproduction.md)
 	$(PY) bench/reproduce.py
+
+readme-settings: ## rewrite the README's settings tables from the config dataclasses
+	$(PY) -c "from mqsa.cli import write_readme_settings; write_readme_settings('README.md')"
 
 clean: ## remove caches and build outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info

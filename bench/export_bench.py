@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def timed(fn, repeat: int) -> tuple[float, float]:
@@ -44,12 +41,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1000)
     args = parser.parse_args()
 
-    from service.bundle import load_bundle
-    from service.retrieval import blend
-    from training.export import export_bundle
+    from mqsa.service.bundle import load_bundle
+    from mqsa.service.retrieval import blend
+    from mqsa.training.export import ExportConfig, export_bundle
 
     out = Path(args.out or tempfile.mkdtemp()) / "bundle"
-    manifest = export_bundle(args.checkpoint, out, index=args.index, force=True)
+    manifest = export_bundle(args.checkpoint, out, ExportConfig(index=args.index), force=True)
     size = sum(f["bytes"] for f in manifest["files"].values()) + (out / "manifest.json").stat().st_size
     bundle = load_bundle(out, onnx_threads=1, faiss_threads=1)
     rng = np.random.default_rng(0)

@@ -36,11 +36,10 @@ from pathlib import Path
 import httpx
 import redis
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # the `mqsa` package itself comes installed (make setup)
 
 from mqsa.demo import wait_ready  # noqa: E402
-from service.store import bucket_of, stream_keys  # noqa: E402
+from mqsa.service.store import bucket_of, stream_keys  # noqa: E402
 
 
 def read_users(data: Path, item_ids: list[str]) -> dict[str, list[str]]:

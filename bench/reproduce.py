@@ -28,11 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # the `mqsa` package itself comes installed (make setup)
 
 DATA_DIR = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "bench" / "results"
@@ -87,7 +85,7 @@ def train_and_record(
     records: Path,
 ) -> None:
     """Train one run into ``results/run_name`` and copy its metrics and history to ``records``."""
-    from training.trainer import TrainConfig, train
+    from mqsa.training.trainer import TrainConfig, train
 
     config = TrainConfig(
         epochs=args.epochs, patience=args.patience, seed=seed, threads=args.threads, **train_cfg

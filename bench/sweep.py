@@ -31,11 +31,9 @@ import argparse
 import csv
 import itertools
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # the `mqsa` package itself comes installed (make setup)
 
 from reproduce import MODEL_FIELDS, SHORT, TRAIN_FIELDS, changed, shown, train_and_record  # noqa: E402
 

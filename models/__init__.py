@@ -1,5 +1,5 @@
 """The MQSA-TED network."""
 
-from models.mqsa import MQSA, MQSAConfig
+from mqsa.models.mqsa import MQSA, MQSAConfig
 
 __all__ = ["MQSA", "MQSAConfig"]

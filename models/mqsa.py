@@ -5,46 +5,53 @@ queries, one attention block, one branch (a stack of blocks), the model.
 The spec this implements is ``shared/spec/mqsa-ted.md`` sections 1-4.
 
 Shapes: B batch, T sequence slots (left-padded, most recent item at the last
-slot), D hidden size, H heads, N real items. Item indices are 0..N-1; the
-padding index is N, the last row of the item table, fixed at zero.
+slot), D hidden size, H heads, N real items, P real positions, K item
+occurrences. Item indices are 0..N-1; the padding index is N, the last row of
+the item table, fixed at zero.
 
-``forward`` and ``encode`` take tensors only; padding arrays and numpy belong
-to the data code in ``training/``. The losses (recommendation and TED) live
-in ``training/losses.py``: this file is the network alone.
+The model takes tensors only; padding arrays, numpy and files belong to the
+code in ``training/``. It exposes what the losses in ``training/losses.py``
+need (:meth:`MQSA.real_position_queries`, :meth:`MQSA.student_vectors`,
+:meth:`MQSA.item_embeddings`), so they never reach into its submodules.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mqsa.errors import ConfigError
 
 
 @dataclass
 class MQSAConfig:
     """Everything needed to rebuild the network; saved inside every checkpoint.
 
+    The defaults are the paper's (spec section 7). ``mqsa train`` makes one flag
+    per field but ``num_items`` (which comes from the data), with the text below
+    as its help, and the README's settings table is checked against it.
+
     Attributes:
         num_items: N, the number of real items. The padding index is N.
-        max_len: T, the number of sequence slots (and position embeddings).
-        hidden_size: D, the embedding size.
+        max_len: T, the sequence slots (and position embeddings).
+        hidden_size: d, the embedding size.
         num_blocks: attention blocks per branch.
         num_heads: attention heads per block (must divide hidden_size).
-        dropout: dropout rate for embeddings, attention weights and FFN.
-        windows: L for each long-query branch; the paper uses one branch (3,).
-            Several values give several long branches whose outputs are averaged.
+        dropout: dropout rate of the embeddings, attention weights and FFN.
+        windows: L of each long-query branch; several values give several long
+            branches, whose outputs are averaged.
         alpha: weight of the short branch in the blend (1 = SASRec).
-        learn_alpha: learn alpha (as a sigmoid of a scalar) instead of fixing it.
-        window_decay: weight of a window item k steps back is decay**k; 1.0 is
-            the paper's plain mean over the real items of the window.
+        learn_alpha: learn alpha (a sigmoid of a scalar) instead of fixing it.
+        window_decay: a window item k steps back weighs decay**k (1 = the paper's
+            plain mean).
         linear_init: initialisation of the attention and FFN layers, which the spec
-            leaves open: "torch" (PyTorch's default, Kaiming-uniform weights and
-            uniform biases) or "glorot" (Glorot-uniform weights and zero biases,
-            TensorFlow's default for the dense layers of the authors' TF code).
+            leaves open: torch (PyTorch's default) or glorot (Glorot weights and
+            zero biases, as the authors' TensorFlow code).
     """
 
     num_items: int
@@ -57,30 +64,29 @@ class MQSAConfig:
     alpha: float = 0.5
     learn_alpha: bool = False
     window_decay: float = 1.0
-    linear_init: str = "torch"
+    linear_init: Literal["torch", "glorot"] = "torch"
 
     def __post_init__(self) -> None:
         self.windows = tuple(int(w) for w in self.windows)
-        if self.num_items < 1:
-            raise ValueError(f"num_items must be >= 1, got {self.num_items}")
-        if self.max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {self.max_len}")
+        for name in ("num_items", "max_len", "hidden_size", "num_blocks", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
             )
         if not self.windows or any(w < 1 for w in self.windows):
-            raise ValueError(f"windows must be a non-empty tuple of L >= 1, got {self.windows}")
+            raise ConfigError(f"windows must be a non-empty tuple of L >= 1, got {self.windows}")
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.learn_alpha and not 0.0 < self.alpha < 1.0:
-            raise ValueError("a learned alpha must start strictly between 0 and 1")
+            raise ConfigError("a learned alpha must start strictly between 0 and 1")
         if not 0.0 < self.window_decay <= 1.0:
-            raise ValueError(f"window_decay must be in (0, 1], got {self.window_decay}")
+            raise ConfigError(f"window_decay must be in (0, 1], got {self.window_decay}")
         if self.linear_init not in ("torch", "glorot"):
-            raise ValueError(f"linear_init must be 'torch' or 'glorot', got {self.linear_init!r}")
+            raise ConfigError(f"linear_init must be 'torch' or 'glorot', got {self.linear_init!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def padding_idx(self) -> int:
@@ -96,7 +102,7 @@ class MQSAConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown MQSAConfig fields: {sorted(unknown)}")
+            raise ConfigError(f"unknown MQSAConfig fields: {sorted(unknown)}")
         return cls(**d)
 
 
@@ -254,8 +260,16 @@ class MQSA(nn.Module):
         return torch.tensor(self.config.alpha)
 
     def item_embeddings(self) -> torch.Tensor:
-        """(N, D) the real items' embeddings (the padding row left out)."""
+        """(N, D) the real items' embeddings (the padding row left out): the table scores use."""
         return self.item_emb.weight[: self.config.num_items]
+
+    def embed_items(self, item_idx: torch.Tensor) -> torch.Tensor:
+        """(...) item indices -> (..., D) embeddings scaled by sqrt(D), as the input layer scales them."""
+        return self.item_emb(item_idx) * math.sqrt(self.config.hidden_size)
+
+    def student_vectors(self, item_idx: torch.Tensor) -> torch.Tensor:
+        """(K,) item indices -> (K, D) dropout(E_i * sqrt(D)): TED's student queries (spec 6.3)."""
+        return self.emb_dropout(self.embed_items(item_idx))
 
     def forward(self, item_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Run both branches over left-padded sequences.
@@ -272,7 +286,7 @@ class MQSA(nn.Module):
         cfg = self.config
         mask = (item_idx != cfg.padding_idx).unsqueeze(-1).to(self.item_emb.weight.dtype)  # (B, T, 1)
         positions = torch.arange(cfg.max_len - T, cfg.max_len, device=item_idx.device)  # (T,)
-        h = self.item_emb(item_idx) * math.sqrt(cfg.hidden_size) + self.pos_emb(positions)  # (B, T, D)
+        h = self.embed_items(item_idx) + self.pos_emb(positions)  # (B, T, D)
         h = self.emb_dropout(h) * mask
         causal = torch.ones(T, T, dtype=torch.bool, device=item_idx.device).tril()  # (T, T)
         allowed = causal & (mask.squeeze(-1) > 0).unsqueeze(1)  # (B, T, T): key s real and s <= t
@@ -291,17 +305,40 @@ class MQSA(nn.Module):
         alpha = self.alpha.to(short.dtype)
         return alpha * short + (1 - alpha) * long
 
-    @classmethod
-    def from_checkpoint(cls, path: str, map_location: str = "cpu") -> tuple[MQSA, dict[str, Any]]:
-        """Rebuild a model from a checkpoint written by the trainer.
+    def real_position_queries(
+        self, item_idx: torch.Tensor, targets: torch.Tensor, min_width: int = 4
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blended vector z_t and its target at every slot whose target is a real item.
+
+        Rows are grouped by length into widths 4, 8, 16, ... and each group runs
+        trimmed to its width (the last to its longest row): most sequences are
+        short, and a batch padded to its longest row would spend most of the
+        network's work on padding. Rows are independent and slots right-aligned,
+        so this is exact; it is the only place a training batch is trimmed.
+
+        Args:
+            item_idx: (B, T') left-padded input items.
+            targets: (B, T') the next item at each slot, padding where none.
 
         Returns:
-            The model in eval mode, and the checkpoint dict (metrics, training config).
+            z (P, D) and the (P,) target items, P = slots with a real target.
         """
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        if not isinstance(ckpt, dict) or "model_config" not in ckpt or "state_dict" not in ckpt:
-            raise ValueError(f"{path}: not an MQSA checkpoint (no model_config/state_dict)")
-        model = cls(MQSAConfig.from_dict(ckpt["model_config"]))
-        model.load_state_dict(ckpt["state_dict"])
-        model.eval()
-        return model, ckpt
+        pad = self.config.padding_idx
+        lengths = (item_idx != pad).sum(1)  # (B,)
+        width = int(lengths.max())
+        zs, ts = [], []
+        low = 0
+        while low < width:
+            high = min(max(min_width, 2 * low), width)
+            rows = ((lengths > low) & (lengths <= high)).nonzero().squeeze(1)
+            low = high
+            if rows.numel() == 0:
+                continue
+            group, group_targets = item_idx[rows, -high:], targets[rows, -high:]  # (b, w)
+            short, long = self(group)  # (b, w, D) each
+            real = group_targets != pad  # (b, w)
+            zs.append(self.blend(short[real], long[real]))
+            ts.append(group_targets[real])
+        if sum(len(t) for t in ts) == 0:
+            raise ValueError("the batch has no real position with a target (every row is padding)")
+        return torch.cat(zs), torch.cat(ts)

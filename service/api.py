@@ -10,17 +10,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.errors import ServiceError, StoreUnavailable
-from service.metrics import Metrics
-from service.recommender import recommend
-from service.registry import ModelRegistry
-from service.schemas import EventsIn, EventsOut, RecommendIn, RecommendOut, ReloadIn
-from service.settings import Settings
-from service.store import Event, HistoryStore
-
-
-class Unauthorized(ServiceError):
-    status_code = 401
+from mqsa.errors import StoreUnavailable, Unauthorized
+from mqsa.service.metrics import Metrics
+from mqsa.service.recommender import recommend
+from mqsa.service.registry import ModelRegistry
+from mqsa.service.schemas import EventsIn, EventsOut, RecommendIn, RecommendOut, ReloadIn
+from mqsa.service.settings import Settings
+from mqsa.service.store import Event, HistoryStore
 
 
 async def get_settings(request: Request) -> Settings:

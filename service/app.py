@@ -1,6 +1,6 @@
 """The FastAPI application factory: lifespan (bundle, Redis pool, watcher), middleware, errors.
 
-    from service.app import create_app
+    from mqsa.service.app import create_app
     app = create_app()          # settings from MQSA_* environment variables
 
 Routes are in ``service/api.py``. Nothing here imports torch.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,14 +20,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from mqsa import __version__
-from service.api import router
-from service.errors import ServiceError, StoreUnavailable
-from service.metrics import Metrics
-from service.registry import ModelRegistry
-from service.settings import Settings
-from service.store import HistoryStore, connect
-
-log = logging.getLogger("mqsa.service")
+from mqsa.errors import ServiceError, StoreUnavailable
+from mqsa.service.api import router
+from mqsa.service.metrics import Metrics
+from mqsa.service.registry import ModelRegistry
+from mqsa.service.settings import Settings, load_settings
+from mqsa.service.store import HistoryStore, connect
 
 
 class EdgeMiddleware:
@@ -125,7 +122,7 @@ async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. The bundle and the Redis pool are opened in the lifespan, not here."""
-    settings = settings or Settings()
+    settings = settings or load_settings()
     metrics = Metrics()
 
     @contextlib.asynccontextmanager

@@ -16,9 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import BundleError, InferenceError
+from mqsa.errors import BundleError, InferenceError
 
 SUPPORTED_FORMATS = (1,)
+# Intentional copies of the writing side's (mqsa.training.export), which the service never
+# imports; tests/service/test_boundary_copies.py checks they agree.
 BUNDLE_FILES = ("encoder.onnx", "items.faiss", "items.json", "popular.json")
 MANIFEST_KEYS = (
     "format_version",
@@ -32,6 +34,7 @@ MANIFEST_KEYS = (
 
 
 def _sha256(path: Path) -> str:
+    """An intentional copy of ``mqsa.training.artifacts.file_sha256`` (checked by a test)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

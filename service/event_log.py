@@ -1,4 +1,4 @@
-"""Export the event stream written by :class:`service.store.HistoryStore` as a raw interaction log.
+"""Export the event stream written by :class:`mqsa.service.store.HistoryStore` as a raw interaction log.
 
 The CSV has the header ``user_id,item_id,timestamp,event_id`` (one row per
 stream entry, in stream order, quoted by the csv module where needed), which
@@ -18,7 +18,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from service.store import connect, redis_errors
+from mqsa.service.store import connect, redis_errors
 
 COLUMNS = ("user_id", "item_id", "timestamp", "event_id")
 

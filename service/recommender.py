@@ -1,8 +1,9 @@
 """One recommendation: external ids in, scored external ids out.
 
-Maps the history to item indices (unknown ids skipped), runs the encoder and
-the index through ``retrieval.top_items``, and falls back to the bundle's
-popular items when no usable history is left.
+Maps the history to item indices (unknown ids skipped), encodes and blends it
+(``retrieval.encode_histories``), searches the index skipping the excluded
+items (``retrieval.search_excluding``) and maps the result back to external
+ids; with no usable history left, the bundle's popular items answer.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from service.bundle import Bundle
-from service.metrics import Metrics
-from service.retrieval import encode_histories, search_excluding
+from mqsa.service.bundle import Bundle
+from mqsa.service.metrics import Metrics
+from mqsa.service.retrieval import encode_histories, search_excluding
 
 
 @dataclass

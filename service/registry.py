@@ -14,8 +14,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.bundle import Bundle, load_bundle
-from service.errors import BundleError
+from mqsa.errors import BundleError
+from mqsa.service.bundle import Bundle, load_bundle
 
 log = logging.getLogger("mqsa.service")
 

@@ -1,7 +1,7 @@
 """From item histories to top-N items: pad, encode, blend, search, filter.
 
-Plain numpy around the bundle's encoder and index; the API layer maps
-external ids to indices before and back after.
+Plain numpy around the bundle's encoder and index; ``service/recommender.py``
+maps external ids to indices before and back after.
 """
 
 from __future__ import annotations
@@ -10,11 +10,14 @@ from collections.abc import Collection
 
 import numpy as np
 
-from service.bundle import Bundle
+from mqsa.service.bundle import Bundle
 
 
 def left_pad(histories: list[list[int]], max_len: int, padding_idx: int) -> np.ndarray:
     """Cut each history to its last ``max_len`` items and left-pad to the longest.
+
+    An intentional copy of ``mqsa.training.sequences.left_pad`` (the service never
+    imports the trainer); ``tests/service/test_boundary_copies.py`` checks they agree.
 
     Returns:
         (B, width) int64, width = min(max_len, longest history), at least 1.
@@ -29,7 +32,11 @@ def left_pad(histories: list[list[int]], max_len: int, padding_idx: int) -> np.n
 
 
 def blend(short: np.ndarray, long: np.ndarray, alpha: float) -> np.ndarray:
-    """z = alpha * short + (1 - alpha) * long, (B, d)."""
+    """z = alpha * short + (1 - alpha) * long, (B, d).
+
+    An intentional copy of ``MQSA.blend`` in numpy (the service never imports torch);
+    ``tests/service/test_boundary_copies.py`` checks they agree.
+    """
     return alpha * short + (1.0 - alpha) * long
 
 
@@ -70,22 +77,3 @@ def search_excluding(
             depth = min(bundle.num_items, depth * 2)
         results.append(picked)
     return results
-
-
-def top_items(
-    bundle: Bundle,
-    histories: list[list[int]],
-    n: int,
-    exclude: list[Collection[int]] | None = None,
-    alpha: float | None = None,
-) -> list[list[tuple[int, float]]]:
-    """Encode, blend and search for each non-empty history; see ``search_excluding``.
-
-    Args:
-        histories: per user, item indices oldest first (non-empty).
-        n: items wanted per user.
-        exclude: per user, item indices never to return.
-        alpha: the short-branch weight; the bundle's when None.
-    """
-    queries = encode_histories(bundle, histories, alpha)
-    return search_excluding(bundle, queries, n, exclude or [() for _ in histories])

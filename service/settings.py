@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from mqsa.errors import ConfigError
 
 
 class Settings(BaseSettings):
@@ -69,3 +71,23 @@ class Settings(BaseSettings):
             if any(len(k.get_secret_value()) < 16 for k in self.api_keys):
                 raise ValueError("every API key must be at least 16 characters in production")
         return self
+
+
+def load_settings(**overrides: object) -> Settings:
+    """The settings from the environment (and ``overrides``), or one ConfigError naming every bad one.
+
+    The message names each variable and what is wrong with it, never the value given
+    (it may be a secret).
+
+    Raises:
+        ConfigError: from pydantic's ValidationError.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = "_".join(str(part) for part in error.get("loc", ()) if isinstance(part, str))
+            where = f"MQSA_{name.upper()}" if name else "the settings"
+            problems.append(f"{where}: {error.get('msg', 'invalid')}")
+        raise ConfigError("invalid service settings: " + "; ".join(problems)) from exc

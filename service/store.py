@@ -9,7 +9,7 @@ Keys, for a prefix ``p`` (default ``mqsa``) and the user's bucket
   by arrival (a per-user sequence number), trimmed to the ``dedup_cap`` newest.
 * ``p:{b<b>}:events`` – the bucket's STREAM of every accepted event (fields
   ``user_id``, ``item_id``, ``timestamp``, ``event_id``), capped near
-  ``stream_maxlen / stream_shards``; :mod:`service.event_log` exports all the
+  ``stream_maxlen / stream_shards``; :mod:`mqsa.service.event_log` exports all the
   buckets' streams as the raw log that training reads.
 
 All three keys carry the bucket's hash tag ``{b<b>}``, so a user's keys and the
@@ -29,7 +29,7 @@ user only: if Redis fails half-way, some users' events may be stored and others
 not, and the request fails; resending it with the same event ids is safe.
 
 Needs Redis >= 6.2 (``XRANGE`` with exclusive ranges, in the exporter). Redis
-errors are translated into :class:`~service.errors.StoreUnavailable` in one
+errors are translated into :class:`~mqsa.errors.StoreUnavailable` in one
 place, :func:`redis_errors`. Never imports torch, ``models`` or ``training``.
 """
 
@@ -49,7 +49,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
-from service.errors import StoreUnavailable
+from mqsa.errors import StoreUnavailable
 
 # KEYS: items list, event-id zset, stream.
 # ARGV: user_id, history_cap, ttl_seconds, stream_maxlen, dedup_cap, then
@@ -272,13 +272,6 @@ class HistoryStore:
     def stream_key_for(self, user_id: str) -> str:
         """The stream of the user's bucket: ``{prefix}:{b<bucket>}:events``."""
         return f"{self._tagged(user_id)}:events"
-
-    @property
-    def stream_key(self) -> str:
-        """The one stream, when ``stream_shards`` is 1."""
-        if self.stream_shards != 1:
-            raise AttributeError("several streams: use stream_keys or stream_key_for(user_id)")
-        return self.stream_keys[0]
 
     async def append(self, events: list[Event]) -> AppendResult:
         """Add events to their users' histories and to the stream, skipping resent event ids.

@@ -21,17 +21,17 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small seeded synthetic data set with planted transitions (sequences.txt + items.json)."""
-    from training.synth import write_synthetic
+    """A small seeded synthetic data set (sequences.txt + items.json): bundles, tastes."""
+    from mqsa.training.synth import SynthConfig, write_synthetic
 
     out = tmp_path_factory.mktemp("synth")
-    return write_synthetic(out, num_users=800, num_items=200, num_clusters=8, mean_length=10, seed=0)
+    return write_synthetic(out, SynthConfig(users=800, items=200, tastes=8, bundles=100, mean_length=10))
 
 
 @pytest.fixture(scope="session")
 def trained_run(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Two epochs of MQSA-TED on the synthetic data: the run directory and its metrics."""
-    from training.trainer import TrainConfig, train
+    from mqsa.training.trainer import TrainConfig, train
 
     out = tmp_path_factory.mktemp("run")
     model_config = {"max_len": 20, "hidden_size": 32}
@@ -43,7 +43,7 @@ def trained_run(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="session")
 def bundle_dir(trained_run: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny trained model exported as a serving bundle (exact index)."""
-    from training.export import export_bundle
+    from mqsa.training.export import export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "current"
     export_bundle(trained_run["dir"] / "best.pt", out)
@@ -53,8 +53,8 @@ def bundle_dir(trained_run: dict[str, Any], tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="session")
 def second_bundle_dir(trained_run: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same model exported with an HNSW index: another model version to reload to."""
-    from training.export import export_bundle
+    from mqsa.training.export import ExportConfig, export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "next"
-    export_bundle(trained_run["dir"] / "best.pt", out, index="hnsw")
+    export_bundle(trained_run["dir"] / "best.pt", out, ExportConfig(index="hnsw"))
     return out

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from training.sequences import LeaveOneOut, left_pad
-from training.transitions import TransitionGraph
+from mqsa.errors import DataError
+from mqsa.models.mqsa import MQSA
+from mqsa.training.checkpoint import Checkpoint
+from mqsa.training.sequences import LeaveOneOut, left_pad, read_sequences, split_leave_one_out
+from mqsa.training.transitions import TransitionGraph
 
 KS = (5, 10, 20)
 
@@ -101,10 +106,10 @@ def evaluate_scores(
     return metrics_from_ranks(ranks)
 
 
-def model_scorer(model: torch.nn.Module) -> Callable[[list[np.ndarray]], torch.Tensor]:
+def model_scorer(model: MQSA) -> Callable[[list[np.ndarray]], torch.Tensor]:
     """Scores every item by z . E_j with z the blended last-slot vector."""
     cfg = model.config
-    device = model.item_emb.weight.device
+    device = model.item_embeddings().device
 
     @torch.no_grad()
     def score(inputs: list[np.ndarray]) -> torch.Tensor:
@@ -116,7 +121,7 @@ def model_scorer(model: torch.nn.Module) -> Callable[[list[np.ndarray]], torch.T
     return score
 
 
-def evaluate_model(model: torch.nn.Module, eval_set: EvalSet, batch_size: int = 1024) -> dict[str, float]:
+def evaluate_model(model: MQSA, eval_set: EvalSet, batch_size: int = 1024) -> dict[str, float]:
     """The spec's full-ranking metrics for a model (switched to eval mode and back)."""
     was_training = model.training
     model.eval()
@@ -166,4 +171,33 @@ def baseline_metrics(
     return {
         name: {set_name: evaluate_scores(fn, es) for set_name, es in eval_sets.items()}
         for name, fn in scorers.items()
+    }
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path) -> dict[str, Any]:
+    """Full-ranking metrics of a saved checkpoint on its data's validation and test splits.
+
+    Returns:
+        ``{"checkpoint", "best_epoch", "valid", "test", "baselines"}``.
+
+    Raises:
+        DataError: a bad checkpoint or data file, or data with more items than the checkpoint knows.
+    """
+    ckpt = Checkpoint.load(checkpoint)
+    model = ckpt.build_model()
+    cfg = model.config
+    data = read_sequences(data_path)
+    if data.num_items > cfg.num_items:
+        raise DataError(
+            f"the data uses {data.num_items} items but the checkpoint knows {cfg.num_items}", data_path
+        )
+    split = split_leave_one_out(data.sequences, cfg.max_len)
+    graph = TransitionGraph.from_sequences(split.train, cfg.num_items, ckpt.train_config.get("time_span", 1))
+    eval_sets = {"valid": make_validation_set(split, cfg.max_len), "test": make_test_set(split, cfg.max_len)}
+    return {
+        "checkpoint": str(checkpoint),
+        "best_epoch": ckpt.best.epoch,
+        "valid": evaluate_model(model, eval_sets["valid"]),
+        "test": evaluate_model(model, eval_sets["test"]),
+        "baselines": baseline_metrics(split, graph, eval_sets),
     }

@@ -21,28 +21,72 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import os
 import shutil
 import time
 import uuid
 import warnings
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from models.mqsa import MQSA
-from training.errors import DataError
-from training.trainer import file_sha256
-from training.vocabulary import Vocabulary
+from mqsa.errors import ConfigError, DataError
+from mqsa.models.mqsa import MQSA
+from mqsa.training.artifacts import file_sha256, write_json_atomic
+from mqsa.training.checkpoint import Checkpoint
+from mqsa.training.vocabulary import Vocabulary
 
 BUNDLE_FORMAT = 1
 ONNX_OPSET = 18
 INDEX_TYPES = ("flat", "ivf", "hnsw")
+BUNDLE_FILES = ("encoder.onnx", "items.faiss", "items.json", "popular.json")  # the manifest lists these
+
+
+@dataclass
+class ExportConfig:
+    """How a checkpoint becomes a bundle. ``mqsa export`` makes one flag per field.
+
+    Attributes:
+        index: the item index: flat (exact), ivf or hnsw.
+        nlist: ivf lists (0 = 4 * sqrt(items)).
+        nprobe: ivf lists searched per query.
+        hnsw_m: hnsw links per node.
+        ef_search: hnsw search breadth.
+        popular_top: items kept in popular.json.
+    """
+
+    index: Literal["flat", "ivf", "hnsw"] = "flat"
+    nlist: int = 0
+    nprobe: int = 16
+    hnsw_m: int = 32
+    ef_search: int = 128
+    popular_top: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.index not in INDEX_TYPES:
+            raise ConfigError(f"index must be one of {INDEX_TYPES}, got {self.index!r}")
+        if self.nlist < 0:
+            raise ConfigError(f"nlist must be >= 0 (0 = 4 * sqrt(items)), got {self.nlist}")
+        for name in ("nprobe", "hnsw_m", "ef_search", "popular_top"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def index_params(self, num_items: int) -> dict[str, int]:
+        """The index's parameters, as the manifest records them."""
+        if self.index == "ivf":
+            return {"nlist": self.nlist or max(1, int(4 * num_items**0.5)), "nprobe": self.nprobe}
+        if self.index == "hnsw":
+            return {
+                "m": self.hnsw_m,
+                "ef_construction": max(2 * self.ef_search, 200),
+                "ef_search": self.ef_search,
+            }
+        return {}
 
 
 class Encoder(torch.nn.Module):
@@ -100,7 +144,7 @@ def build_index(embeddings: np.ndarray, kind: str, params: dict[str, int]) -> An
     elif kind == "ivf":
         nlist = params["nlist"]
         if nlist > n:
-            raise ValueError(f"ivf nlist ({nlist}) must not exceed the item count ({n})")
+            raise ConfigError(f"ivf nlist ({nlist}) must not exceed the item count ({n})")
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(embeddings)
         index.nprobe = params["nprobe"]
@@ -109,104 +153,86 @@ def build_index(embeddings: np.ndarray, kind: str, params: dict[str, int]) -> An
         index.hnsw.efConstruction = params["ef_construction"]
         index.hnsw.efSearch = params["ef_search"]
     else:
-        raise ValueError(f"index must be one of {INDEX_TYPES}, got {kind!r}")
+        raise ConfigError(f"index must be one of {INDEX_TYPES}, got {kind!r}")
     index.add(embeddings)
     return index
 
 
-def index_params(
-    kind: str, num_items: int, nlist: int | None, nprobe: int, m: int, ef: int
-) -> dict[str, int]:
-    """The parameters recorded in the manifest for an index kind."""
-    if kind == "ivf":
-        return {"nlist": nlist or max(1, int(4 * num_items**0.5)), "nprobe": nprobe}
-    if kind == "hnsw":
-        return {"m": m, "ef_construction": max(2 * ef, 200), "ef_search": ef}
-    return {}
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-
-
 def export_bundle(
-    checkpoint: str | Path,
-    out_dir: str | Path,
-    index: str = "flat",
-    nlist: int | None = None,
-    nprobe: int = 16,
-    hnsw_m: int = 32,
-    ef_search: int = 128,
-    popular_top: int = 1000,
-    force: bool = False,
+    checkpoint: str | Path, out_dir: str | Path, config: ExportConfig | None = None, force: bool = False
 ) -> dict[str, Any]:
-    """Write a serving bundle for a checkpoint; returns its manifest.
+    """Write a serving bundle for a checkpoint; returns its manifest (with ``export_seconds``).
 
     Raises:
-        DataError: the checkpoint is missing or lacks the vocabulary, or
+        DataError: the checkpoint is missing, unreadable or lacks the vocabulary, or
             ``out_dir`` exists and ``force`` is not set.
+        ConfigError: index parameters that do not fit the model.
     """
+    config = config or ExportConfig()
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    if not checkpoint.is_file():
-        raise DataError("no such checkpoint", checkpoint)
     if out_dir.exists() and not force:
         raise DataError("the bundle directory exists (use --force to replace it)", out_dir)
-    if index not in INDEX_TYPES:
-        raise ValueError(f"index must be one of {INDEX_TYPES}, got {index!r}")
     started = time.perf_counter()
-    model, ckpt = MQSA.from_checkpoint(str(checkpoint))
-    cfg = model.config
-    item_ids = ckpt.get("item_ids")
-    counts = np.asarray(ckpt.get("item_counts", []), dtype=np.int64)
-    if item_ids is None or len(item_ids) != cfg.num_items or len(counts) != cfg.num_items:
+    ckpt = Checkpoint.load(checkpoint)
+    model = ckpt.build_model()
+    num_items = model.config.num_items
+    if ckpt.item_ids is None or len(ckpt.item_ids) != num_items or len(ckpt.item_counts) != num_items:
         raise DataError("the checkpoint has no item vocabulary or counts of the right size", checkpoint)
-
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        import faiss
-
-        export_onnx(model, tmp / "encoder.onnx")
-        embeddings = np.ascontiguousarray(model.item_embeddings().detach().cpu().numpy(), dtype=np.float32)
-        params = index_params(index, cfg.num_items, nlist, nprobe, hnsw_m, ef_search)
-        faiss.write_index(build_index(embeddings, index, params), str(tmp / "items.faiss"))
-        Vocabulary(item_ids).save(tmp / "items.json")  # the format `mqsa data prepare` writes
-        order = np.lexsort((np.arange(cfg.num_items), -counts))  # most popular first, ties by index
-        order = order[counts[order] > 0][:popular_top]
-        _write_json(
-            tmp / "popular.json",
-            {"item_ids": [item_ids[i] for i in order], "counts": counts[order].tolist()},
-        )
-        files = {
-            name: {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-            for name in ("encoder.onnx", "items.faiss", "items.json", "popular.json")
-        }
-        version = hashlib.sha256("".join(f["sha256"] for f in files.values()).encode()).hexdigest()[:16]
-        manifest = {
-            "format_version": BUNDLE_FORMAT,
-            "model_version": version,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "max_len": cfg.max_len,
-            "hidden_size": cfg.hidden_size,
-            "alpha": float(model.alpha.detach()),
-            "padding_idx": cfg.padding_idx,
-            "num_items": cfg.num_items,
-            "model_config": cfg.to_dict(),
-            "train_config": ckpt.get("train_config", {}),
-            "metrics": {"epoch": ckpt.get("epoch"), **ckpt.get("metrics", {})},
-            "data": ckpt.get("data", {}),
-            "encoder": {"opset": ONNX_OPSET, "input": "item_idx", "outputs": ["short", "long"]},
-            "index": {"type": index, "metric": "inner_product", **params},
-            "files": files,
-        }
-        _write_json(tmp / "manifest.json", manifest)
+        _write_files(model, ckpt, config, tmp)
+        manifest = _manifest(model, ckpt, config, tmp)
+        write_json_atomic(tmp / "manifest.json", manifest, indent=1)
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    manifest["export_seconds"] = time.perf_counter() - started
-    return manifest
+    return {**manifest, "export_seconds": time.perf_counter() - started}
+
+
+def _write_files(model: MQSA, ckpt: Checkpoint, config: ExportConfig, out: Path) -> None:
+    """The encoder, the index, the vocabulary and the popular items, into ``out``."""
+    import faiss
+
+    export_onnx(model, out / "encoder.onnx")
+    embeddings = np.ascontiguousarray(model.item_embeddings().detach().cpu().numpy(), dtype=np.float32)
+    params = config.index_params(model.config.num_items)
+    faiss.write_index(build_index(embeddings, config.index, params), str(out / "items.faiss"))
+    Vocabulary(ckpt.item_ids).save(out / "items.json")  # the format `mqsa data prepare` writes
+    counts = np.asarray(ckpt.item_counts, dtype=np.int64)
+    order = np.lexsort((np.arange(len(counts)), -counts))  # most popular first, ties by index
+    order = order[counts[order] > 0][: config.popular_top]
+    popular = {"item_ids": [ckpt.item_ids[i] for i in order], "counts": counts[order].tolist()}
+    write_json_atomic(out / "popular.json", popular, indent=1)
+
+
+def _manifest(model: MQSA, ckpt: Checkpoint, config: ExportConfig, out: Path) -> dict[str, Any]:
+    """The manifest of the files in ``out``; the model version is a digest of their digests."""
+    cfg = model.config
+    files = {
+        name: {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size}
+        for name in BUNDLE_FILES
+    }
+    version = hashlib.sha256("".join(f["sha256"] for f in files.values()).encode()).hexdigest()[:16]
+    return {
+        "format_version": BUNDLE_FORMAT,
+        "model_version": version,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "max_len": cfg.max_len,
+        "hidden_size": cfg.hidden_size,
+        "alpha": float(model.alpha.detach()),
+        "padding_idx": cfg.padding_idx,
+        "num_items": cfg.num_items,
+        "model_config": cfg.to_dict(),
+        "train_config": ckpt.train_config,
+        "metrics": {"epoch": ckpt.best.epoch, "valid": ckpt.best.valid, "test": ckpt.best.test},
+        "data": ckpt.data,
+        "encoder": {"opset": ONNX_OPSET, "input": "item_idx", "outputs": ["short", "long"]},
+        "index": {"type": config.index, "metric": "inner_product", **config.index_params(cfg.num_items)},
+        "files": files,
+    }
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:

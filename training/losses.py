@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from training.transitions import TransitionGraph
+from mqsa.errors import ConfigError
+from mqsa.models.mqsa import MQSA
+from mqsa.training.transitions import TransitionGraph
 
 
 class LinearLogSumExp(torch.autograd.Function):
@@ -149,7 +151,7 @@ class TEDTeacher:
     @classmethod
     def from_graph(cls, graph: TransitionGraph, tau: float) -> TEDTeacher:
         if tau <= 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
+            raise ConfigError(f"tau must be > 0, got {tau}")
         n = graph.num_items
         lengths = graph.row_lengths()
         rows = np.repeat(np.arange(n), lengths)
@@ -211,60 +213,23 @@ def ted_linear_term(
     return (student * expected[items]).sum(-1) / tau
 
 
-def ted_loss_dense(
-    student: torch.Tensor, items: torch.Tensor, table: torch.Tensor, counts: torch.Tensor, tau: float
-) -> torch.Tensor:
-    """Reference TED loss with a dense (N x N) teacher. Tests only.
+@dataclass(frozen=True)
+class LossSettings:
+    """The settings of the objective, one object (built by ``TrainConfig.loss_settings``).
 
-    Args:
-        student: (K, D); items: (K,); table: (N, D); counts: (N, N) transition counts.
-
-    Returns:
-        Scalar mean cross-entropy(teacher_i, student_i) over the K occurrences.
+    Attributes:
+        lambda_kd: weight of the TED loss; 0 turns TED off.
+        tau: TED temperature.
+        l2: weight of the explicit penalty sum ||w||^2 / 2.
+        chunk: rows per chunk of the fused softmax.
+        dtype: dtype of the N-way products (float32, or bfloat16).
     """
-    row_max = counts.amax(dim=1, keepdim=True)
-    a_bar = torch.where(row_max > 0, counts / row_max.clamp_min(1e-12), torch.zeros_like(counts))
-    teacher = torch.softmax(a_bar / tau, dim=1)[items]  # (K, N)
-    log_student = torch.log_softmax(student @ table.T / tau, dim=1)  # (K, N)
-    return -(teacher * log_student).sum(1).mean()
 
-
-def blended_at_real_positions(
-    model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, min_width: int = 4
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The blended vector and target at every real position of a batch.
-
-    Rows are grouped by length into widths 4, 8, 16, ... and each group runs
-    trimmed to its width: most sequences are short, and a batch padded to its
-    longest row would spend most of the network's work on padding. Rows are
-    independent and positions right-aligned, so this is exact.
-
-    Args:
-        inputs: (B, T) left-padded input items.
-        targets: (B, T) aligned next items, padding where none.
-
-    Returns:
-        z (P, D) blended vectors and (P,) target items, P = real positions.
-    """
-    pad = model.config.padding_idx
-    lengths = (inputs != pad).sum(1)  # (B,)
-    width = inputs.shape[1]
-    zs, ts = [], []
-    low = 0
-    while low < width:
-        high = min(max(min_width, 2 * low), width)
-        rows = ((lengths > low) & (lengths <= high)).nonzero().squeeze(1)
-        low = high
-        if rows.numel() == 0:
-            continue
-        sub_inputs, sub_targets = inputs[rows, -high:], targets[rows, -high:]  # (b, w)
-        short, long = model(sub_inputs)  # (b, w, D) each
-        real = sub_targets != pad  # (b, w)
-        zs.append(model.blend(short[real], long[real]))
-        ts.append(sub_targets[real])
-    if not zs:
-        raise ValueError("the batch has no real position with a target (every row is padding)")
-    return torch.cat(zs), torch.cat(ts)
+    lambda_kd: float
+    tau: float
+    l2: float
+    chunk: int
+    dtype: torch.dtype
 
 
 @dataclass
@@ -278,15 +243,11 @@ class LossValues:
 
 
 def mqsa_loss(
-    model: torch.nn.Module,
+    model: MQSA,
     inputs: torch.Tensor,
     targets: torch.Tensor,
     teacher: TEDTeacher | None,
-    lambda_kd: float = 0.1,
-    tau: float = 0.1,
-    l2: float = 1e-4,
-    chunk: int = 256,
-    dtype: torch.dtype = torch.float32,
+    settings: LossSettings,
 ) -> tuple[torch.Tensor, LossValues]:
     """L = L_rec + lambda_kd * L_kd + l2 * sum ||w||^2 / 2 for one batch (spec sections 5-6).
 
@@ -294,39 +255,41 @@ def mqsa_loss(
     N-way product), and the TED student rows join the same fused product.
 
     Args:
-        model: an ``MQSA``.
-        inputs: (B, T) left-padded input items (train[:-1]).
-        targets: (B, T) next items aligned with ``inputs``, padding where none.
+        model: the network; it gives the queries, the students and the item table.
+        inputs: (B, T') left-padded input items (train[:-1]), untrimmed: the
+            model trims each group of rows to its width.
+        targets: (B, T') next items aligned with ``inputs``, padding where none.
         teacher: the sparse TED teacher; None (or lambda_kd 0) turns TED off.
+        settings: the objective's weights and the fused product's chunk and dtype.
 
     Returns:
         The differentiable total loss and its parts as floats.
     """
-    pad = model.config.padding_idx
-    z, target_items = blended_at_real_positions(model, inputs, targets)  # (P, D), (P,)
+    z, target_items = model.real_position_queries(inputs, targets)  # (P, D), (P,)
     table = model.item_embeddings()  # (N, D)
     P = z.shape[0]
     queries, weights = [z], [torch.full((P,), 1.0 / P, device=z.device)]
-    use_kd = teacher is not None and lambda_kd > 0
+    use_kd = teacher is not None and settings.lambda_kd > 0
     if use_kd:
-        items = inputs[inputs != pad]  # (K,) every real item occurrence
-        scale = model.config.hidden_size**0.5
-        student = model.emb_dropout(model.item_emb(items) * scale)  # (K, D)
+        items = inputs[inputs != model.config.padding_idx]  # (K,) every real item occurrence
+        student = model.student_vectors(items)  # (K, D)
         K = items.shape[0]
-        queries.append(student / tau)
-        weights.append(torch.full((K,), lambda_kd / K, device=z.device))
-    lse_sum, lse = linear_logsumexp(torch.cat(queries), table, torch.cat(weights), chunk, dtype)
+        queries.append(student / settings.tau)
+        weights.append(torch.full((K,), settings.lambda_kd / K, device=z.device))
+    lse_sum, lse = linear_logsumexp(
+        torch.cat(queries), table, torch.cat(weights), settings.chunk, settings.dtype
+    )
     rec_linear = (z * table[target_items]).sum(-1)  # (P,) target logits
     loss = lse_sum - rec_linear.mean()
     rec_value = (lse[:P] - rec_linear.detach()).mean().item()
     kd_value = 0.0
     if use_kd:
-        kd_linear = ted_linear_term(student, items, table, teacher, tau)  # (K,)
-        loss = loss - lambda_kd * kd_linear.mean()
+        kd_linear = ted_linear_term(student, items, table, teacher, settings.tau)  # (K,)
+        loss = loss - settings.lambda_kd * kd_linear.mean()
         kd_value = (lse[P:] - kd_linear.detach()).mean().item()
     l2_value = 0.0
-    if l2 > 0:
-        penalty = 0.5 * l2 * sum(p.pow(2).sum() for p in model.parameters() if p.requires_grad)
+    if settings.l2 > 0:
+        penalty = 0.5 * settings.l2 * sum(p.pow(2).sum() for p in model.parameters() if p.requires_grad)
         loss = loss + penalty
         l2_value = penalty.item()
     return loss, LossValues(total=loss.item(), rec=rec_value, kd=kd_value, l2=l2_value)

@@ -2,27 +2,55 @@
 
 Writes, into the output folder:
 
-* ``sequences.txt``: the text format of :mod:`training.sequences`; users are
+* ``sequences.txt``: the text format of :mod:`mqsa.training.sequences`; users are
   numbered 0..U-1 in order of their first row in the log.
 * ``users.json``: ``{"format": 1, "user_ids": [...]}``, the external id of each user number.
-* ``items.json``: the :class:`~training.vocabulary.Vocabulary`; item indices are given
+* ``items.json``: the :class:`~mqsa.training.vocabulary.Vocabulary`; item indices are given
   in order of first appearance when reading the sequences user by user, oldest first.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from training.errors import DataError
-from training.sequences import MIN_LENGTH, write_sequences
-from training.vocabulary import Vocabulary, write_json_atomic
+from mqsa.errors import ConfigError, DataError
+from mqsa.training.artifacts import write_json_atomic
+from mqsa.training.sequences import MIN_LENGTH, write_sequences
+from mqsa.training.vocabulary import Vocabulary
 
 CSV_SEPARATORS = {".csv": ",", ".tsv": "\t"}
 PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+@dataclass
+class PrepareConfig:
+    """How ``mqsa data prepare`` turns a log into sequences. One flag per field.
+
+    Attributes:
+        k: the k of the k-core: users and items with fewer interactions are dropped,
+            repeatedly, until none is left.
+        min_users: fail if fewer users than this are left.
+        user_col: the log's column of user ids.
+        item_col: the log's column of item ids.
+        time_col: the log's column of timestamps.
+    """
+
+    k: int = 5
+    min_users: int = 2
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    time_col: str = "timestamp"
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f"k must be at least 1, got {self.k}")
+        if self.min_users < 1:
+            raise ConfigError(f"min_users must be at least 1, got {self.min_users}")
 
 
 def read_log(
@@ -49,31 +77,7 @@ def read_log(
             id or a timestamp that is neither a number nor an ISO-8601 date.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError("no such file", path)
-    name = path.name.lower().removesuffix(".gz")
-    suffix = Path(name).suffix
-    if suffix not in CSV_SEPARATORS and not path.name.lower().endswith(PARQUET_SUFFIXES):
-        raise DataError("unknown file type: expected .csv, .tsv, .csv.gz, .tsv.gz, .parquet or .pq", path)
-    is_csv = suffix in CSV_SEPARATORS
-    if path.stat().st_size == 0:
-        raise DataError("the file is empty", path)
-    try:
-        if is_csv:
-            with warnings.catch_warnings():  # pandas warns (here: raises) when the first row is too long
-                warnings.simplefilter("error", pd.errors.ParserWarning)
-                raw = pd.read_csv(
-                    path, sep=CSV_SEPARATORS[suffix], dtype=str, keep_default_na=False, index_col=False
-                )
-        else:
-            raw = pd.read_parquet(path)
-    except pd.errors.EmptyDataError:
-        raise DataError("the file is empty", path) from None
-    except pd.errors.ParserWarning:
-        raise DataError("cannot read the file: a row has more fields than the header", path) from None
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"cannot read the file: {e}", path) from None
-
+    raw, is_csv = _read_table(path)
     missing = [c for c in (user_col, item_col, time_col) if c not in raw.columns]
     if missing:
         raise DataError(f"missing column(s) {missing}; the file has columns {list(raw.columns)}", path)
@@ -96,6 +100,33 @@ def read_log(
     if bad is not None:
         raise error(bad, message)
     return pd.DataFrame({"user_id": ids[user_col], "item_id": ids[item_col], "timestamp": times})
+
+
+def _read_table(path: Path) -> tuple[pd.DataFrame, bool]:
+    """The file as a table of strings (CSV) or typed columns (Parquet), and whether it is CSV."""
+    if not path.is_file():
+        raise DataError("no such file", path)
+    suffix = Path(path.name.lower().removesuffix(".gz")).suffix
+    is_csv = suffix in CSV_SEPARATORS
+    if not is_csv and not path.name.lower().endswith(PARQUET_SUFFIXES):
+        raise DataError("unknown file type: expected .csv, .tsv, .csv.gz, .tsv.gz, .parquet or .pq", path)
+    if path.stat().st_size == 0:
+        raise DataError("the file is empty", path)
+    try:
+        if not is_csv:
+            return pd.read_parquet(path), False
+        with warnings.catch_warnings():  # pandas warns (here: raises) when the first row is too long
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            table = pd.read_csv(
+                path, sep=CSV_SEPARATORS[suffix], dtype=str, keep_default_na=False, index_col=False
+            )
+        return table, True
+    except pd.errors.EmptyDataError:
+        raise DataError("the file is empty", path) from None
+    except pd.errors.ParserWarning:
+        raise DataError("cannot read the file: a row has more fields than the header", path) from None
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"cannot read the file: {e}", path) from None
 
 
 def _seconds(col: pd.Series) -> tuple[pd.Series, int | None, str]:
@@ -149,13 +180,7 @@ def kcore(df: pd.DataFrame, k: int = 5, user_k: int | None = None) -> pd.DataFra
 
 
 def prepare(
-    log_path: str | Path,
-    out_dir: str | Path,
-    k: int = 5,
-    min_users: int = 2,
-    user_col: str = "user_id",
-    item_col: str = "item_id",
-    time_col: str = "timestamp",
+    log_path: str | Path, out_dir: str | Path, config: PrepareConfig | None = None
 ) -> dict[str, int | str]:
     """Turn an interaction log into ``sequences.txt``, ``users.json`` and ``items.json``.
 
@@ -163,15 +188,6 @@ def prepare(
     Every user left has at least 3 interactions (the leave-one-out split needs them):
     k >= 3 guarantees it, and for smaller k the users with fewer are dropped too
     (again to a fixed point), counted as ``users_dropped_short`` in the summary.
-
-    Args:
-        log_path: the log (see :func:`read_log`).
-        out_dir: the folder to write to (created if missing).
-        k: the k of the k-core.
-        min_users: the fewest users that must be left.
-        user_col: the column of user ids.
-        item_col: the column of item ids.
-        time_col: the column of timestamps.
 
     Returns:
         A summary: ``log``, ``k``, ``raw_rows``, ``users_before``, ``items_before``,
@@ -181,24 +197,18 @@ def prepare(
     Raises:
         DataError: for a bad log (see :func:`read_log`) or fewer than ``min_users`` users left.
     """
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    log = read_log(log_path, user_col, item_col, time_col)
+    config = config or PrepareConfig()
+    k = config.k
+    log = read_log(log_path, config.user_col, config.item_col, config.time_col)
     kept = kcore(log, k, user_k=max(k, MIN_LENGTH))
     dropped_short = 0 if k >= MIN_LENGTH else kcore(log, k)["user_id"].nunique() - kept["user_id"].nunique()
     num_users = kept["user_id"].nunique()
-    if num_users < min_users:
+    if num_users < config.min_users:
         raise DataError(
-            f"too few users left after {k}-core filtering: {num_users} (need at least {min_users})", log_path
+            f"too few users left after {k}-core filtering: {num_users} (need at least {config.min_users})",
+            log_path,
         )
-
-    user_codes, user_ids = pd.factorize(kept["user_id"])  # order of first row in the file
-    kept = kept.assign(user=user_codes)
-    kept = kept.sort_values("timestamp", kind="stable").sort_values("user", kind="stable")
-    item_codes, item_ids = pd.factorize(kept["item_id"])
-    bounds = np.cumsum(np.bincount(kept["user"].to_numpy(), minlength=num_users))[:-1]
-    sequences = np.split(item_codes.astype(np.int64), bounds)
-
+    sequences, user_ids, item_ids = _sequences(kept, num_users)
     out_dir = Path(out_dir)
     write_sequences(out_dir / "sequences.txt", sequences)
     write_json_atomic(out_dir / "users.json", {"format": 1, "user_ids": [str(u) for u in user_ids]})
@@ -215,3 +225,13 @@ def prepare(
         "actions_after": len(kept),
         "users_dropped_short": dropped_short,
     }
+
+
+def _sequences(kept: pd.DataFrame, num_users: int) -> tuple[list[np.ndarray], pd.Index, pd.Index]:
+    """Per user (in order of first row), item indices by time; and the user and item ids by index."""
+    user_codes, user_ids = pd.factorize(kept["user_id"])  # order of first row in the file
+    kept = kept.assign(user=user_codes)
+    kept = kept.sort_values("timestamp", kind="stable").sort_values("user", kind="stable")
+    item_codes, item_ids = pd.factorize(kept["item_id"])
+    bounds = np.cumsum(np.bincount(kept["user"].to_numpy(), minlength=num_users))[:-1]
+    return np.split(item_codes.astype(np.int64), bounds), user_ids, item_ids

@@ -13,7 +13,6 @@ result must match, or it is an error.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from mqsa.errors import ResumeError
+from mqsa.training.artifacts import save_torch_atomic
+from mqsa.training.checkpoint import BestEpoch
+
 RUN_STATE_FORMAT = 1
 # TrainConfig fields a resumed run may change: they decide how long it runs or how fast, not what it learns.
 MAY_CHANGE = frozenset({"epochs", "patience", "threads"})
-
-
-class ResumeError(ValueError):
-    """``last.pt`` is missing, unreadable or from a run with other settings or data."""
 
 
 @dataclass
@@ -38,7 +37,7 @@ class RunState:
         epoch: epochs finished.
         model: the model's state_dict after ``epoch``.
         optimizer: the optimiser's state_dict.
-        best: ``{"epoch", "valid", "test"}`` of the best epoch so far.
+        best: the best epoch so far (stored as a dict).
         best_state: that epoch's state_dict.
         history: one row per finished epoch (``history.csv``).
         stale: evaluations since the best one (the patience count).
@@ -53,7 +52,7 @@ class RunState:
     epoch: int
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
-    best: dict[str, Any]
+    best: BestEpoch
     best_state: dict[str, torch.Tensor]
     history: list[dict[str, float]]
     stale: int
@@ -87,9 +86,7 @@ def save_run_state(path: Path, state: RunState, fingerprint: dict[str, Any]) -> 
     payload = {"format": RUN_STATE_FORMAT, "fingerprint": fingerprint, **asdict(state)}
     payload["model"] = {k: v.cpu() for k, v in state.model.items()}
     payload["best_state"] = {k: v.cpu() for k, v in state.best_state.items()}
-    partial = path.with_name(path.name + ".partial")
-    torch.save(payload, partial)
-    os.replace(partial, path)
+    save_torch_atomic(payload, path)
 
 
 def load_run_state(path: Path, fingerprint: dict[str, Any]) -> RunState:
@@ -111,6 +108,7 @@ def load_run_state(path: Path, fingerprint: dict[str, Any]) -> RunState:
     if differences:
         raise ResumeError(f"{path}: cannot resume, the run differs: " + "; ".join(differences))
     del payload["format"], payload["fingerprint"]
+    payload["best"] = BestEpoch(**payload["best"])
     return RunState(**payload)
 
 

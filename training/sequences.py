@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.errors import DataError
+from mqsa.errors import DataError
 
 MIN_LENGTH = 3  # one training item, one validation target, one test target
 

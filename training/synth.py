@@ -1,134 +1,152 @@
-"""Seeded synthetic sequences with planted structure a model can visibly learn.
+"""Seeded synthetic sequences whose structure needs what MQSA-TED brings.
 
-Items are split among taste clusters and each user belongs to one. Every item has
-``NUM_SUCCESSORS`` planted successors, mostly in its own cluster. A sequence starts at
-a popular (Zipf-weighted) item of the user's cluster; each next item is, with
-probability ``transition_prob``, a planted successor of the current item, else a
-Zipf-weighted draw from the user's cluster (or, rarely, any item).
+The catalogue is covered by *bundles*: sets of ``bundle_size`` items bought
+together, each item in about ``bundles * bundle_size / items`` of them (2.5 by
+default). Every bundle belongs to one of ``tastes`` taste groups, and every user
+to one taste. A user's sequence is a run of bundles drawn from their taste
+(Zipf-weighted, so each taste has popular bundles), each bundle's items in a
+random order; with probability ``noise`` an item is replaced by a uniformly
+random one.
+
+What each recommender can see:
+
+* Popularity: the overall most popular items. Weak: tastes differ.
+* Item Transition (the last item only): the item after x is any bundle-mate of x
+  in any of x's bundles, in any order: about ten candidates it cannot tell apart.
+* A sequential model: the last two or three items together (MQSA's long query is
+  their mean) usually pin one bundle down, whose unseen items come next; and the
+  user's earlier bundles tell their taste, which ranks the bundle that comes next.
+
+The baselines and the model are trained and evaluated on the same data.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from training.sequences import write_sequences
-from training.vocabulary import Vocabulary
+from mqsa.errors import ConfigError
+from mqsa.training.sequences import write_sequences
+from mqsa.training.vocabulary import Vocabulary
 
-NUM_SUCCESSORS = 2
-SUCCESSOR_IN_CLUSTER_PROB = 0.9  # a planted successor is in the item's cluster
-RANDOM_ITEM_PROB = 0.05  # a non-successor step picks any item, uniformly
-ZIPF_EXPONENT = 1.0
-MIN_LENGTH = 5
+ZIPF_EXPONENT = 1.0  # bundle popularity within a taste
 START_TIME = 1_600_000_000  # timestamps of the raw log, in seconds
+SHORTEST = 5  # the shortest sequence generated (room for a split and some history)
 
 
-def planted_structure(
-    num_items: int, num_clusters: int, seed: int = 0
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """The clusters and successors :func:`generate` plants for the same arguments and seed.
+@dataclass
+class SynthConfig:
+    """The synthetic data set of ``mqsa data synth`` and ``mqsa demo``.
 
-    Returns:
-        (clusters, successors): per cluster, its items, most popular first; and
-        (num_items, NUM_SUCCESSORS) int64, each item's planted successors.
-    """
-    return _plant(np.random.default_rng(seed), num_items, num_clusters)
-
-
-def _plant(
-    rng: np.random.Generator, num_items: int, num_clusters: int
-) -> tuple[list[np.ndarray], np.ndarray]:
-    if not 1 <= num_clusters <= num_items // (NUM_SUCCESSORS + 1):
-        raise ValueError(
-            f"need 1 <= num_clusters <= num_items / {NUM_SUCCESSORS + 1}, "
-            f"got {num_clusters} clusters of {num_items} items"
-        )
-    clusters = np.array_split(rng.permutation(num_items), num_clusters)
-    successors = np.empty((num_items, NUM_SUCCESSORS), dtype=np.int64)
-    for members in clusters:
-        for item in members:
-            pool = members if rng.random() < SUCCESSOR_IN_CLUSTER_PROB else np.arange(num_items)
-            successors[item] = rng.choice(pool[pool != item], size=NUM_SUCCESSORS, replace=False)
-    return clusters, successors
-
-
-def generate(
-    num_users: int = 2000,
-    num_items: int = 500,
-    num_clusters: int = 10,
-    mean_length: float = 12,
-    transition_prob: float = 0.6,
-    seed: int = 0,
-) -> list[np.ndarray]:
-    """Generate one item sequence per user; the same arguments give the same output.
-
-    Lengths are 4 + a geometric draw (so at least 5, mean ``mean_length``), capped at
-    ``4 * mean_length``.
-
-    Args:
-        num_users: U.
-        num_items: N; items are 0..N-1.
-        num_clusters: the taste clusters (at most N / 3).
+    Attributes:
+        users: U, one sequence each.
+        items: N; items are 0..N-1, named i0..i<N-1>.
+        tastes: taste groups; each user has one, each bundle belongs to one.
+        bundles: sets of items bought together.
+        bundle_size: items per bundle.
         mean_length: the mean sequence length (at least 5).
-        transition_prob: the chance each step follows a planted successor.
-        seed: the seed of the numpy Generator.
-
-    Returns:
-        Per user, an int64 array of item indices, oldest first.
+        noise: chance that an item is replaced by a uniformly random one.
+        seed: the seed of the generator; the same settings give the same data.
     """
-    if mean_length < MIN_LENGTH:
-        raise ValueError(f"mean_length must be at least {MIN_LENGTH}, got {mean_length}")
-    rng = np.random.default_rng(seed)
-    clusters, successors = _plant(rng, num_items, num_clusters)
-    zipf = [1.0 / np.arange(1, len(m) + 1) ** ZIPF_EXPONENT for m in clusters]
-    zipf = [w / w.sum() for w in zipf]
-    user_clusters = rng.integers(num_clusters, size=num_users)
-    lengths = np.minimum(
-        MIN_LENGTH - 1 + rng.geometric(1 / (mean_length - MIN_LENGTH + 1), num_users), int(4 * mean_length)
+
+    users: int = 2000
+    items: int = 500
+    tastes: int = 10
+    bundles: int = 250
+    bundle_size: int = 5
+    mean_length: float = 12.0
+    noise: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("users", "tastes", "bundles"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 2 <= self.bundle_size <= self.items:
+            raise ConfigError(f"bundle_size must be in [2, items={self.items}], got {self.bundle_size}")
+        if self.tastes > self.bundles:
+            raise ConfigError(f"tastes ({self.tastes}) must not exceed bundles ({self.bundles})")
+        if self.mean_length < SHORTEST:
+            raise ConfigError(f"mean_length must be at least {SHORTEST}, got {self.mean_length}")
+        if not 0.0 <= self.noise <= 1.0:
+            raise ConfigError(f"noise must be in [0, 1], got {self.noise}")
+
+
+@dataclass
+class Plan:
+    """The structure :func:`generate` plants for a config.
+
+    Attributes:
+        members: (bundles, bundle_size) the items of each bundle.
+        taste_of: (bundles,) the taste of each bundle.
+        user_tastes: (users,) the taste of each user.
+    """
+
+    members: np.ndarray
+    taste_of: np.ndarray
+    user_tastes: np.ndarray
+
+
+def plant(config: SynthConfig) -> Plan:
+    """The bundles, their tastes and the users' tastes that :func:`generate` uses for ``config``."""
+    return _plant(np.random.default_rng(config.seed), config)
+
+
+def _plant(rng: np.random.Generator, config: SynthConfig) -> Plan:
+    members = np.stack(
+        [rng.choice(config.items, config.bundle_size, replace=False) for _ in range(config.bundles)]
     )
+    taste_of = rng.permutation(np.arange(config.bundles) % config.tastes)
+    user_tastes = rng.integers(config.tastes, size=config.users)
+    return Plan(members=members.astype(np.int64), taste_of=taste_of, user_tastes=user_tastes)
+
+
+def generate(config: SynthConfig | None = None) -> list[np.ndarray]:
+    """One item sequence per user, oldest first; the same config gives the same output.
+
+    Lengths are 4 + a geometric draw (at least 5, mean ``mean_length``), capped at
+    ``4 * mean_length``.
+    """
+    config = config or SynthConfig()
+    rng = np.random.default_rng(config.seed)
+    plan = _plant(rng, config)
+    by_taste = [np.flatnonzero(plan.taste_of == t) for t in range(config.tastes)]
+    weights = [1.0 / np.arange(1, len(b) + 1) ** ZIPF_EXPONENT for b in by_taste]
+    weights = [w / w.sum() for w in weights]
+    extra = rng.geometric(1 / (config.mean_length - SHORTEST + 1), config.users)
+    lengths = np.minimum(SHORTEST - 1 + extra, int(4 * config.mean_length))
     sequences = []
-    for c, length in zip(user_clusters, lengths, strict=True):
-        members, weights = clusters[c], zipf[c]
-        seq = np.empty(length, dtype=np.int64)
-        seq[0] = rng.choice(members, p=weights)
-        for t in range(1, length):
-            r = rng.random()
-            if r < transition_prob:
-                seq[t] = rng.choice(successors[seq[t - 1]])
-            elif r < transition_prob + (1 - transition_prob) * RANDOM_ITEM_PROB:
-                seq[t] = rng.integers(num_items)
-            else:
-                seq[t] = rng.choice(members, p=weights)
+    for taste, length in zip(plan.user_tastes, lengths, strict=True):
+        items: list[np.ndarray] = []
+        while sum(len(b) for b in items) < length:
+            bundle = rng.choice(by_taste[taste], p=weights[taste])
+            items.append(rng.permutation(plan.members[bundle]))
+        seq = np.concatenate(items)[:length]
+        noisy = rng.random(length) < config.noise
+        seq[noisy] = rng.integers(config.items, size=int(noisy.sum()))
         sequences.append(seq)
     return sequences
 
 
-def write_synthetic(
-    out_dir: str | Path,
-    num_users: int = 2000,
-    num_items: int = 500,
-    num_clusters: int = 10,
-    mean_length: float = 12,
-    transition_prob: float = 0.6,
-    seed: int = 0,
-    raw_log: bool = False,
-) -> Path:
+def write_synthetic(out_dir: str | Path, config: SynthConfig | None = None, raw_log: bool = False) -> Path:
     """Write :func:`generate`'s output as ``sequences.txt`` (users 0..U-1) and ``items.json``.
 
     ``items.json`` names item index i ``f"i{i}"``. With ``raw_log``, also writes
     ``interactions.csv`` (``user_id,item_id,timestamp``; ids ``"u{u}"`` and ``"i{i}"``,
-    timestamps increasing row by row) that :func:`training.prepare.prepare` reads.
+    timestamps increasing row by row) that :func:`mqsa.training.prepare.prepare` reads.
 
     Returns:
         The path of ``sequences.txt``.
     """
-    sequences = generate(num_users, num_items, num_clusters, mean_length, transition_prob, seed)
+    config = config or SynthConfig()
+    sequences = generate(config)
     out_dir = Path(out_dir)
     path = out_dir / "sequences.txt"
     write_sequences(path, sequences)
-    Vocabulary(f"i{i}" for i in range(num_items)).save(out_dir / "items.json")
+    Vocabulary(f"i{i}" for i in range(config.items)).save(out_dir / "items.json")
     if raw_log:
         items = np.concatenate(sequences)
         users = np.repeat(np.arange(len(sequences)), [len(s) for s in sequences])

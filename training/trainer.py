@@ -1,65 +1,79 @@
 """The trainer: data -> split -> TED teacher -> epochs -> best checkpoint and reports.
 
-``train`` is the whole job behind ``mqsa train``. It selects the epoch with the
-best validation NDCG@20 and reports that epoch's test metrics (spec section 7);
-the test split is never used for any decision.
+    trainer = Trainer(data_path, out_dir, model_config, config)  # setup: data, model, optimiser
+    metrics = trainer.fit(resume=False)                           # the epochs, then the reports
+
+``fit`` runs plain parts in order (RecBole's shape): ``_resume`` (optional), then
+per epoch ``_train_epoch``, ``_valid_epoch`` (evaluate, keep the best) and
+``_save_state`` (``last.pt``, ``history.csv``); at the end ``_finish`` writes
+``best.pt``, ``metrics.json`` and ``curves.png``. The epoch with the best
+validation NDCG@20 is selected and its test metrics reported (spec section 7);
+the test split is never used for any decision. ``train`` is the one-call form
+behind ``mqsa train``.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from models.mqsa import MQSA, MQSAConfig
-from training import report
-from training.distributed import World
-from training.errors import DataError
-from training.evaluation import (
+from mqsa.errors import ConfigError, DataError, ResumeError
+from mqsa.models.mqsa import MQSA, MQSAConfig
+from mqsa.training import report
+from mqsa.training.artifacts import file_sha256, write_json_atomic
+from mqsa.training.checkpoint import BestEpoch, Checkpoint
+from mqsa.training.distributed import World
+from mqsa.training.evaluation import (
+    EvalSet,
     baseline_metrics,
     evaluate_model,
     make_test_set,
     make_validation_set,
     popularity,
 )
-from training.losses import TEDTeacher, mqsa_loss
-from training.run_state import ResumeError, RunState, capture_rng, load_run_state, restore_rng, save_run_state
-from training.sequences import LeaveOneOut, left_pad, read_sequences, split_leave_one_out
-from training.transitions import TransitionGraph
-from training.vocabulary import vocabulary_for
-
-CHECKPOINT_FORMAT = 1
-SELECT_METRIC = "NDCG@20"
+from mqsa.training.losses import LossSettings, LossValues, TEDTeacher, mqsa_loss
+from mqsa.training.run_state import RunState, capture_rng, load_run_state, restore_rng, save_run_state
+from mqsa.training.sequences import (
+    LeaveOneOut,
+    SequenceData,
+    left_pad,
+    read_sequences,
+    split_leave_one_out,
+)
+from mqsa.training.transitions import TransitionGraph
+from mqsa.training.vocabulary import Vocabulary, vocabulary_for
 
 
 @dataclass
 class TrainConfig:
     """Optimisation and protocol settings; the defaults are the paper's (spec section 7).
 
+    ``mqsa train`` makes one flag per field, with the text below as its help,
+    and the README's settings table is checked against it.
+
     Attributes:
         epochs: the most epochs to run.
         batch_size: users per batch.
-        lr: Adam learning rate.
-        adam_beta2: Adam's second-moment decay; the spec leaves it open (PyTorch's
-            default 0.999; the TF SASRec code uses 0.98).
+        lr: Adam's learning rate.
+        adam_beta2: Adam's second-moment decay, which the spec leaves open (the TF
+            SASRec code uses 0.98).
         l2: weight of the explicit penalty sum ||w||^2 / 2.
         lambda_kd: weight of the TED loss (0 turns TED off).
         tau: TED temperature.
-        time_span: transition window of the TED graph.
+        time_span: transition window of the TED graph, in steps.
         seed: seeds initialisation, dropout and batch order.
         eval_every: evaluate on the validation split every this many epochs.
         patience: stop after this many evaluations without a better validation
             NDCG@20 (0 = never stop early).
-        device: "auto" (CUDA when present), "cpu" or "cuda".
-        precision: "fp32" or "bf16" for the N-way products.
+        device: auto (CUDA when present), cpu or cuda.
+        precision: fp32, or bf16 for the N-way products.
         threads: CPU threads for torch (0 = torch's default).
         chunk: rows per chunk of the fused softmax.
     """
@@ -75,25 +89,32 @@ class TrainConfig:
     seed: int = 42
     eval_every: int = 1
     patience: int = 0
-    device: str = "auto"
-    precision: str = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
     threads: int = 0
     chunk: int = 256
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_every", "time_span", "chunk"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.tau <= 0:
-            raise ValueError("lr and tau must be > 0")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "tau"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 < self.adam_beta2 < 1.0:
-            raise ValueError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2}")
-        if self.l2 < 0 or self.lambda_kd < 0 or self.patience < 0:
-            raise ValueError("l2, lambda_kd and patience must be >= 0")
+            raise ConfigError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2}")
+        for name in ("l2", "lambda_kd", "patience", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+
+    def loss_settings(self) -> LossSettings:
+        """The objective's settings, as the loss takes them."""
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        return LossSettings(lambda_kd=self.lambda_kd, tau=self.tau, l2=self.l2, chunk=self.chunk, dtype=dtype)
 
 
 @dataclass
@@ -103,12 +124,10 @@ class TrainingExamples:
     Attributes:
         inputs: (U', T) left-padded train[:-1].
         targets: (U', T) left-padded train[1:].
-        lengths: (U',) real items per row.
     """
 
     inputs: torch.Tensor
     targets: torch.Tensor
-    lengths: np.ndarray
 
     @classmethod
     def from_split(cls, split: LeaveOneOut, max_len: int, padding_idx: int) -> TrainingExamples:
@@ -116,24 +135,72 @@ class TrainingExamples:
         return cls(
             inputs=torch.from_numpy(left_pad([t[:-1] for t in train], max_len, padding_idx)),
             targets=torch.from_numpy(left_pad([t[1:] for t in train], max_len, padding_idx)),
-            lengths=np.array([min(len(t) - 1, max_len) for t in train]),
         )
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return len(self.inputs)
 
     def batch(self, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``idx``, trimmed to the longest of them (positions stay right-aligned)."""
-        width = int(self.lengths[idx].max())
+        """Rows ``idx``: inputs (b, T) and targets (b, T), untrimmed (the model trims)."""
         rows = torch.from_numpy(idx)
-        return self.inputs[rows, -width:].to(device), self.targets[rows, -width:].to(device)
+        return self.inputs[rows].to(device), self.targets[rows].to(device)
+
+
+@dataclass
+class TrainingData:
+    """What setup derives from the sequence file, once per run.
+
+    Attributes:
+        info: the file's path, sha256 and user count (recorded in every report).
+        vocab: the item vocabulary (``items.json`` beside the file, else the identity).
+        split: the leave-one-out split, train cut to the last T items.
+        graph: the transition graph of the training split.
+        examples: the training examples.
+        eval_sets: ``valid`` and ``test``.
+        item_counts: training popularity per item index (the bundle's popular items).
+    """
+
+    info: dict[str, Any]
+    vocab: Vocabulary
+    split: LeaveOneOut
+    graph: TransitionGraph
+    examples: TrainingExamples
+    eval_sets: dict[str, EvalSet]
+    item_counts: list[int]
+
+    @classmethod
+    def build(
+        cls, path: str | Path, data: SequenceData, vocab: Vocabulary, cfg: MQSAConfig, time_span: int
+    ) -> TrainingData:
+        """Split the sequences read from ``path`` for a model of config ``cfg``.
+
+        Raises:
+            DataError: no user has two training items.
+        """
+        split = split_leave_one_out(data.sequences, cfg.max_len)
+        examples = TrainingExamples.from_split(split, cfg.max_len, cfg.padding_idx)
+        if len(examples) == 0:
+            raise DataError("no user has two training items; nothing to train on", path)
+        return cls(
+            info={"path": str(path), "sha256": file_sha256(path), "users": data.num_users},
+            vocab=vocab,
+            split=split,
+            graph=TransitionGraph.from_sequences(split.train, cfg.num_items, time_span),
+            examples=examples,
+            eval_sets={
+                "valid": make_validation_set(split, cfg.max_len),
+                "test": make_test_set(split, cfg.max_len),
+            },
+            item_counts=popularity(split.train, cfg.num_items).astype(np.int64).tolist(),
+        )
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else the CPU; ``cuda`` without CUDA is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available")
+        raise ConfigError("device 'cuda' was asked for but CUDA is not available")
     return torch.device(name)
 
 
@@ -154,12 +221,239 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or device.type
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+class Trainer:
+    """One training run: set up in the constructor, run with :meth:`fit`.
+
+    Args:
+        data_path: sequences in the text format (an ``items.json`` beside it, if
+            any, gives the item count and the external ids).
+        out_dir: receives ``best.pt``, ``last.pt``, ``metrics.json``, ``history.csv``
+            and ``curves.png``.
+        model_config: MQSAConfig fields other than ``num_items`` (from the data).
+        config: optimisation and protocol settings.
+        progress: show a progress bar per epoch and print the final table.
+
+    Raises:
+        ConfigError: a bad setting. DataError: bad data.
+    """
+
+    def __init__(
+        self,
+        data_path: str | Path,
+        out_dir: str | Path,
+        model_config: dict[str, Any] | None = None,
+        config: TrainConfig | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = config = config or TrainConfig()
+        model_config = dict(model_config or {})
+        if "num_items" in model_config:
+            raise ConfigError("num_items comes from the data, not the model config")
+        MQSAConfig(num_items=1, **model_config)  # a bad setting fails now, before the data is read
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device)
+        self.world = World.from_env(self.device.type)
+        if self.world.distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.world.local_rank)
+        self.progress = progress and self.world.is_main
+        torch.manual_seed(config.seed)
+        self.rng = np.random.default_rng(config.seed)  # the batch order
+        sequences = read_sequences(data_path)
+        vocab = vocabulary_for(data_path, sequences.num_items)
+        self.model_config = MQSAConfig(num_items=len(vocab), **model_config)
+        self.data = TrainingData.build(data_path, sequences, vocab, self.model_config, config.time_span)
+        teacher = TEDTeacher.from_graph(self.data.graph, config.tau) if config.lambda_kd > 0 else None
+        self.teacher = teacher.to(self.device) if teacher is not None else None
+        self.baselines = baseline_metrics(self.data.split, self.data.graph, self.data.eval_sets)
+        self.loss_settings = config.loss_settings()
+        self.model = MQSA(self.model_config).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=config.lr, betas=(0.9, config.adam_beta2)
+        )
+        self.best = BestEpoch()
+        self.best_state = copy.deepcopy(self.model.state_dict())
+        self.history: list[dict[str, float]] = []
+        self.stale = 0  # evaluations since the best one
+        self.train_seconds, self.earlier_wall_seconds = 0.0, 0.0
+        self.resumed_at: list[int] = []
+        self.started = time.perf_counter()
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Run the epochs (from ``last.pt`` when ``resume``), then write the reports.
+
+        Returns:
+            The content of ``metrics.json``.
+
+        Raises:
+            ResumeError: ``resume`` without a usable ``last.pt`` for these settings and data.
+        """
+        first_epoch = self._resume() + 1 if resume else 1
+        last_epoch = first_epoch - 1 if self._out_of_patience() else self.config.epochs
+        for epoch in range(first_epoch, last_epoch + 1):
+            row = self._train_epoch(epoch)
+            if epoch % self.config.eval_every == 0 or epoch == self.config.epochs:
+                self._valid_epoch(epoch, row)
+            self.history.append(row)
+            report.epoch_line(row, self.best.epoch == epoch, self.progress)
+            self._save_state(epoch)
+            if self._out_of_patience():
+                break
+        return self._finish()
+
+    def _resume(self) -> int:
+        """Load ``last.pt``: weights, optimiser, generators and the loop's records. Returns its epoch."""
+        if self.world.distributed:
+            raise ResumeError("resume runs on one process only: each rank's dropout generator differs")
+        state = load_run_state(self.out_dir / "last.pt", self._fingerprint())
+        self.model.load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        restore_rng(state, self.rng)
+        self.history, self.best, self.best_state, self.stale = (
+            state.history,
+            state.best,
+            state.best_state,
+            state.stale,
+        )
+        self.train_seconds, self.earlier_wall_seconds = state.train_seconds, state.wall_seconds
+        self.resumed_at = [*state.resumed_at, state.epoch]
+        return state.epoch
+
+    def _out_of_patience(self) -> bool:
+        return bool(self.config.patience and self.stale >= self.config.patience)
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the examples in a fresh random order; returns the epoch's history row."""
+        self.model.train()
+        started = time.perf_counter()
+        order = self.rng.permutation(len(self.data.examples))
+        size = self.config.batch_size
+        sums, n = np.zeros(4), 0
+        batches = report.progress_bar(
+            range(0, len(order), size), f"epoch {epoch}/{self.config.epochs}", self.progress
+        )
+        for n, start in enumerate(batches, start=1):
+            rows = order[start : start + size]
+            if len(rows) < self.world.size:  # a last batch too small to give every process a row
+                continue
+            values = self._train_step(rows)
+            sums += (values.total, values.rec, values.kd, values.l2)
+            if self.progress:
+                batches.set_postfix(
+                    loss=f"{sums[0] / n:.4f}", rec=f"{sums[1] / n:.4f}", kd=f"{sums[2] / n:.4f}"
+                )
+        seconds = time.perf_counter() - started
+        self.train_seconds += seconds
+        mean = sums / max(1, n)
+        return {
+            "epoch": epoch,
+            "seconds": seconds,
+            "loss": mean[0],
+            "rec": mean[1],
+            "kd": mean[2],
+            "l2": mean[3],
+        }
+
+    def _train_step(self, rows: np.ndarray) -> LossValues:
+        """Forward, backward (gradients averaged over processes) and one Adam step on a batch."""
+        inputs, targets = self.data.examples.batch(self.world.shard(rows), self.device)
+        loss, values = mqsa_loss(self.model, inputs, targets, self.teacher, self.loss_settings)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.world.average_gradients(self.model)
+        self.optimizer.step()
+        return values
+
+    def _valid_epoch(self, epoch: int, row: dict[str, float]) -> None:
+        """Evaluate on the validation split; a new best is tested, kept and saved as ``best.pt``."""
+        valid = evaluate_model(self.model, self.data.eval_sets["valid"])
+        row.update({f"valid_{k}": v for k, v in valid.items()})
+        if not self.best.beaten_by(valid):
+            self.stale += 1
+            return
+        self.best = BestEpoch(epoch, valid, evaluate_model(self.model, self.data.eval_sets["test"]))
+        self.best_state = copy.deepcopy(self.model.state_dict())
+        self.stale = 0
+        if self.world.is_main:
+            self._checkpoint().save(self.out_dir / "best.pt")  # a crash keeps the best so far
+
+    def _save_state(self, epoch: int) -> None:
+        """``history.csv`` (watchable during a long run) and ``last.pt`` (to resume from)."""
+        if not self.world.is_main:
+            return
+        report.write_history(self.history, self.out_dir / "history.csv")
+        state = RunState(
+            epoch=epoch,
+            model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            best=self.best,
+            best_state=self.best_state,
+            history=self.history,
+            stale=self.stale,
+            train_seconds=self.train_seconds,
+            wall_seconds=self._wall_seconds(),
+            resumed_at=self.resumed_at,
+            **capture_rng(self.rng),
+        )
+        save_run_state(self.out_dir / "last.pt", state, self._fingerprint())
+
+    def _finish(self) -> dict[str, Any]:
+        """Load the best weights and write ``best.pt``, ``metrics.json`` and ``curves.png``."""
+        replica_checksums = self.world.checksums(self.model)  # every process's final weights
+        self.model.load_state_dict(self.best_state)
+        self.world.close()
+        metrics = self._metrics(replica_checksums)
+        if not self.world.is_main:
+            return metrics
+        self._checkpoint().save(self.out_dir / "best.pt")
+        write_json_atomic(self.out_dir / "metrics.json", metrics, indent=2)
+        report.plot_curves(self.history, self.out_dir / "curves.png")
+        if self.progress:
+            print(report.results_table(metrics))
+        return metrics
+
+    def _checkpoint(self) -> Checkpoint:
+        return Checkpoint(
+            model_config=self.model_config.to_dict(),
+            state_dict=self.best_state,
+            train_config=asdict(self.config),
+            best=self.best,
+            item_ids=self.data.vocab.item_ids,
+            item_counts=self.data.item_counts,
+            data=self.data.info,
+        )
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """What a resumed run must share with the stopped one (``training.run_state``)."""
+        return {
+            "train_config": asdict(self.config),
+            "model_config": self.model_config.to_dict(),
+            "data": {"sha256": self.data.info["sha256"]},
+        }
+
+    def _wall_seconds(self) -> float:
+        return self.earlier_wall_seconds + time.perf_counter() - self.started
+
+    def _metrics(self, replica_checksums: list[str]) -> dict[str, Any]:
+        return {
+            "data": self.data.info,
+            "model_config": self.model_config.to_dict(),
+            "train_config": asdict(self.config),
+            "device": str(self.device),
+            "device_name": device_name(self.device),
+            "epochs_run": len(self.history),
+            "best_epoch": self.best.epoch,
+            "valid": self.best.valid,
+            "test": self.best.test,
+            "baselines": self.baselines,
+            "seconds_per_epoch": self.train_seconds / max(1, len(self.history)),
+            "train_seconds": self.train_seconds,
+            "wall_seconds": self._wall_seconds(),
+            "resumed_at": self.resumed_at,
+            "distributed": {"world_size": self.world.size, "replica_checksums": replica_checksums},
+        }
 
 
 def train(
@@ -170,193 +464,9 @@ def train(
     progress: bool = True,
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Train MQSA-TED on a sequence file and write the best checkpoint and reports.
-
-    Args:
-        data_path: sequences in the text format (an ``items.json`` beside it, if
-            any, gives the item count and the external ids).
-        out_dir: receives ``best.pt``, ``metrics.json``, ``history.csv``, ``curves.png``.
-        model_config: MQSAConfig fields other than num_items.
-        config: optimisation settings.
-        progress: show a progress bar per epoch and print the final table.
-        resume: go on from ``out_dir/last.pt`` (written after every epoch) instead
-            of starting afresh; see ``training.run_state``.
+    """Train MQSA-TED on a sequence file: ``Trainer(...).fit(resume)``; see :class:`Trainer`.
 
     Returns:
         The content of ``metrics.json``.
-
-    Raises:
-        ResumeError: ``resume`` without a usable ``last.pt`` for these settings and data.
     """
-    config = config or TrainConfig()
-    model_config = dict(model_config or {})
-    if "num_items" in model_config:
-        raise ValueError("num_items comes from the data, not the model config")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    world = World.from_env(device.type)
-    if world.distributed and device.type == "cuda":
-        device = torch.device("cuda", world.local_rank)
-    progress = progress and world.is_main
-    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-
-    data = read_sequences(data_path)
-    vocab = vocabulary_for(data_path, data.num_items)
-    if len(vocab) < data.num_items:
-        raise DataError(f"items.json lists {len(vocab)} items but the data uses {data.num_items}", data_path)
-    cfg = MQSAConfig(num_items=len(vocab), **model_config)
-    split = split_leave_one_out(data.sequences, cfg.max_len)
-    graph = TransitionGraph.from_sequences(split.train, cfg.num_items, config.time_span)
-    teacher = TEDTeacher.from_graph(graph, config.tau).to(device) if config.lambda_kd > 0 else None
-    examples = TrainingExamples.from_split(split, cfg.max_len, cfg.padding_idx)
-    if len(examples) == 0:
-        raise DataError("no user has two training items; nothing to train on", data_path)
-    eval_sets = {"valid": make_validation_set(split, cfg.max_len), "test": make_test_set(split, cfg.max_len)}
-    baselines = baseline_metrics(split, graph, eval_sets)
-
-    data_info = {"path": str(data_path), "sha256": file_sha256(data_path), "users": data.num_users}
-    item_counts = popularity(split.train, cfg.num_items).astype(np.int64).tolist()
-
-    def checkpoint(state: dict[str, torch.Tensor], best: dict[str, Any]) -> dict[str, Any]:
-        """Everything needed to rebuild, evaluate and export the model: config, weights, vocabulary."""
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "model_config": cfg.to_dict(),
-            "state_dict": {k: v.cpu() for k, v in state.items()},
-            "train_config": asdict(config),
-            "epoch": best["epoch"],
-            "metrics": {"valid": best["valid"], "test": best["test"]},
-            "item_ids": vocab.item_ids,
-            "item_counts": item_counts,
-            "data": data_info,
-        }
-
-    model = MQSA(cfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, config.adam_beta2))
-    history: list[dict[str, float]] = []
-    best: dict[str, Any] = {"epoch": 0, "valid": {SELECT_METRIC: -1.0}, "test": {}}
-    best_state = copy.deepcopy(model.state_dict())
-    stale, started = 0, time.perf_counter()
-    train_seconds = 0.0
-    first_epoch, resumed_at, earlier_wall = 1, [], 0.0
-    fingerprint = {
-        "train_config": asdict(config),
-        "model_config": cfg.to_dict(),
-        "data": {"sha256": data_info["sha256"]},
-    }
-    if resume:
-        if world.distributed:
-            raise ResumeError("resume runs on one process only: each rank's dropout generator differs")
-        state = load_run_state(out_dir / "last.pt", fingerprint)
-        model.load_state_dict(state.model)
-        optimizer.load_state_dict(state.optimizer)
-        restore_rng(state, rng)
-        history, best, best_state, stale = state.history, state.best, state.best_state, state.stale
-        train_seconds, earlier_wall, first_epoch = state.train_seconds, state.wall_seconds, state.epoch + 1
-        resumed_at = [*state.resumed_at, state.epoch]
-    stopped = bool(config.patience and stale >= config.patience)  # a resumed run that had stopped
-    last_epoch = first_epoch - 1 if stopped else config.epochs
-
-    for epoch in range(first_epoch, last_epoch + 1):
-        model.train()
-        epoch_start = time.perf_counter()
-        order = rng.permutation(len(examples))
-        sums = np.zeros(4)
-        batches = report.progress_bar(
-            range(0, len(order), config.batch_size), f"epoch {epoch}/{config.epochs}", progress
-        )
-        for n, start in enumerate(batches, start=1):
-            rows = order[start : start + config.batch_size]
-            if len(rows) < world.size:  # a last batch too small to give every process a row
-                continue
-            inputs, targets = examples.batch(world.shard(rows), device)
-            loss, values = mqsa_loss(
-                model, inputs, targets, teacher, config.lambda_kd, config.tau, config.l2, config.chunk, dtype
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            world.average_gradients(model)
-            optimizer.step()
-            sums += (values.total, values.rec, values.kd, values.l2)
-            if progress:
-                batches.set_postfix(
-                    loss=f"{sums[0] / n:.4f}", rec=f"{sums[1] / n:.4f}", kd=f"{sums[2] / n:.4f}"
-                )
-        seconds = time.perf_counter() - epoch_start
-        train_seconds += seconds
-        mean = sums / max(1, n)
-        row = {
-            "epoch": epoch,
-            "seconds": seconds,
-            "loss": mean[0],
-            "rec": mean[1],
-            "kd": mean[2],
-            "l2": mean[3],
-        }
-        if epoch % config.eval_every == 0 or epoch == config.epochs:
-            valid = evaluate_model(model, eval_sets["valid"])
-            row.update({f"valid_{k}": v for k, v in valid.items()})
-            if valid[SELECT_METRIC] > best["valid"][SELECT_METRIC]:
-                best = {"epoch": epoch, "valid": valid, "test": evaluate_model(model, eval_sets["test"])}
-                best_state = copy.deepcopy(model.state_dict())
-                stale = 0
-                if world.is_main:
-                    torch.save(
-                        checkpoint(best_state, best), out_dir / "best.pt"
-                    )  # a crash keeps the best so far
-            else:
-                stale += 1
-        history.append(row)
-        report.epoch_line(row, best["epoch"] == epoch, progress)
-        if world.is_main:
-            report.write_history(history, out_dir / "history.csv")  # watchable while a long run goes on
-            state = RunState(
-                epoch=epoch,
-                model=model.state_dict(),
-                optimizer=optimizer.state_dict(),
-                best=best,
-                best_state=best_state,
-                history=history,
-                stale=stale,
-                train_seconds=train_seconds,
-                wall_seconds=earlier_wall + time.perf_counter() - started,
-                resumed_at=resumed_at,
-                **capture_rng(rng),
-            )
-            save_run_state(out_dir / "last.pt", state, fingerprint)
-        if config.patience and stale >= config.patience:
-            break
-
-    replica_checksums = world.checksums(model)  # the final weights of every process, before loading the best
-    model.load_state_dict(best_state)
-    world.close()
-    metrics = {
-        "data": data_info,
-        "model_config": cfg.to_dict(),
-        "train_config": asdict(config),
-        "device": str(device),
-        "device_name": device_name(device),
-        "epochs_run": len(history),
-        "best_epoch": best["epoch"],
-        "valid": best["valid"],
-        "test": best["test"],
-        "baselines": baselines,
-        "seconds_per_epoch": train_seconds / max(1, len(history)),
-        "train_seconds": train_seconds,
-        "wall_seconds": earlier_wall + time.perf_counter() - started,
-        "resumed_at": resumed_at,
-        "distributed": {"world_size": world.size, "replica_checksums": replica_checksums},
-    }
-    if not world.is_main:
-        return metrics
-    torch.save(checkpoint(best_state, best), out_dir / "best.pt")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    report.plot_curves(history, out_dir / "curves.png")
-    if progress:
-        print(report.results_table(metrics))
-    return metrics
+    return Trainer(data_path, out_dir, model_config, config, progress).fit(resume)

@@ -67,10 +67,3 @@ class TransitionGraph:
     def row_lengths(self) -> np.ndarray:
         """(N,) number of non-zero entries per row."""
         return np.diff(self.indptr)
-
-    def dense(self) -> np.ndarray:
-        """(N, N) float32. For tests and small catalogues only."""
-        out = np.zeros((self.num_items, self.num_items), dtype=np.float32)
-        rows = np.repeat(np.arange(self.num_items), self.row_lengths())
-        out[rows, self.indices] = self.counts
-        return out

@@ -6,15 +6,11 @@ The file format, ``items.json``: ``{"format": 1, "item_ids": ["<id of index 0>",
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from training.errors import DataError
+from mqsa.errors import DataError
+from mqsa.training.artifacts import write_json_atomic
 
 FORMAT = 1
 FILE_NAME = "items.json"
@@ -34,9 +30,9 @@ class Vocabulary:
             ValueError: for a repeated id.
         """
         self.item_ids: list[str] = list(item_ids)
-        self._index = {item_id: idx for idx, item_id in enumerate(self.item_ids)}
-        if len(self._index) != len(self.item_ids):
-            dup = next(i for idx, i in enumerate(self.item_ids) if self._index[i] != idx)
+        first = {item_id: idx for idx, item_id in reversed(list(enumerate(self.item_ids)))}
+        if len(first) != len(self.item_ids):
+            dup = next(i for idx, i in enumerate(self.item_ids) if first[i] != idx)
             raise ValueError(f"item id {dup!r} appears more than once")
 
     @classmethod
@@ -46,34 +42,6 @@ class Vocabulary:
 
     def __len__(self) -> int:
         return len(self.item_ids)
-
-    def __contains__(self, item_id: object) -> bool:
-        return item_id in self._index
-
-    def index(self, item_id: str) -> int:
-        """The index of one id.
-
-        Raises:
-            KeyError: for an id the vocabulary does not hold.
-        """
-        try:
-            return self._index[item_id]
-        except KeyError:
-            raise KeyError(f"unknown item id {item_id!r} (the vocabulary holds {len(self)} items)") from None
-
-    def to_indices(self, ids: Iterable[str]) -> np.ndarray:
-        """Ids to an int64 array of indices (KeyError for an unknown id)."""
-        return np.fromiter((self.index(i) for i in ids), dtype=np.int64)
-
-    def to_ids(self, idx: Iterable[int]) -> list[str]:
-        """Indices to ids (IndexError for an index outside 0..N-1)."""
-        out = []
-        for i in idx:
-            i = int(i)
-            if not 0 <= i < len(self):
-                raise IndexError(f"item index {i} is out of range for {len(self)} items")
-            out.append(self.item_ids[i])
-        return out
 
     def save(self, path: str | Path) -> None:
         """Write ``items.json`` atomically."""
@@ -107,21 +75,6 @@ def vocabulary_for(sequences_path: str | Path, num_items: int) -> Vocabulary:
     if len(vocab) < num_items:
         raise DataError(f"holds {len(vocab)} items but {sequences_path} uses {num_items}", path)
     return vocab
-
-
-def write_json_atomic(path: str | Path, payload: Any) -> None:
-    """Write JSON to a temporary file beside ``path``, then move it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_id_list(path: str | Path, key: str) -> list[str]:

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from models.mqsa import MQSA, Dropout, MQSAConfig, window_mean
+from mqsa.errors import ConfigError
+from mqsa.models.mqsa import MQSA, Dropout, MQSAConfig, window_mean
 
 N_ITEMS = 13
 PAD = N_ITEMS
@@ -269,21 +270,44 @@ def test_item_embeddings_leave_out_padding() -> None:
     torch.testing.assert_close(table, model.item_emb.weight[:N_ITEMS])
 
 
-def test_checkpoint_round_trip(tmp_path) -> None:
-    model = tiny_model(windows=(2, 4), alpha=0.25)
-    path = tmp_path / "m.pt"
-    torch.save({"model_config": model.config.to_dict(), "state_dict": model.state_dict()}, path)
-    loaded, ckpt = MQSA.from_checkpoint(str(path))
-    assert not loaded.training
-    assert loaded.config == model.config
-    assert set(ckpt) == {"model_config", "state_dict"}
-    x = left_padded([5, 2], 5)
+def test_embed_items_scales_by_sqrt_d_as_the_input_layer_does() -> None:
+    model = tiny_model()
+    items = torch.tensor([0, 5, PAD])
+    torch.testing.assert_close(model.embed_items(items), model.item_emb(items) * math.sqrt(8), atol=0, rtol=0)
+    assert model.embed_items(items)[2].abs().max() == 0  # padding stays zero
+
+
+def test_student_vectors_drop_out_only_in_training() -> None:
+    model = tiny_model()
+    items = torch.arange(N_ITEMS)
+    torch.testing.assert_close(model.student_vectors(items), model.embed_items(items), atol=0, rtol=0)
+    model.train()
+    dropped = model.student_vectors(items)
+    zeros = (dropped == 0).float().mean().item()
+    assert 0.3 < zeros < 0.7  # dropout 0.5
+    kept = dropped != 0
+    torch.testing.assert_close(dropped[kept], 2 * model.embed_items(items)[kept])
+
+
+def test_real_position_queries_equal_the_full_width_forward() -> None:
+    """Grouping rows by length and trimming each group changes nothing: z at every real target."""
+    model = tiny_model(max_len=20)
+    lengths = [1, 2, 3, 5, 9, 14, 20, 4]
+    inputs = left_padded(lengths, 20, seed=3)
+    targets = left_padded(lengths, 20, seed=4)
+    targets[0, -1] = PAD  # a row whose only slot has no target
+    z, t = model.real_position_queries(inputs, targets)
     with torch.no_grad():
-        for a, b in zip(loaded.encode(x), model.encode(x), strict=True):
-            torch.testing.assert_close(a, b, atol=0, rtol=0)
-    torch.save({"state_dict": model.state_dict()}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="model_config"):
-        MQSA.from_checkpoint(str(tmp_path / "bad.pt"))
+        short, long = model(inputs)
+    real = targets != PAD
+    by_row = sorted(range(len(lengths)), key=lambda b: lengths[b])  # groups by length (4, 8, 16, 20)
+    expected_z = torch.cat([model.blend(short[b][real[b]], long[b][real[b]]) for b in by_row])
+    expected_t = torch.cat([targets[b][real[b]] for b in by_row])
+    assert z.shape == (int(real.sum()), 8)
+    torch.testing.assert_close(t, expected_t, atol=0, rtol=0)
+    torch.testing.assert_close(z, expected_z, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="no real position"):
+        model.real_position_queries(inputs, torch.full_like(targets, PAD))
 
 
 # ---------------------------------------------------------------- config
@@ -308,14 +332,14 @@ def test_checkpoint_round_trip(tmp_path) -> None:
     ],
 )
 def test_config_rejects_bad_values(overrides: dict, field: str) -> None:
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ConfigError, match=field):
         tiny_config(**overrides)
 
 
 def test_config_from_dict_rejects_unknown_field() -> None:
     d = tiny_config().to_dict()
     d["hiden_size"] = 64
-    with pytest.raises(ValueError, match="hiden_size"):
+    with pytest.raises(ConfigError, match="hiden_size"):
         MQSAConfig.from_dict(d)
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,7 +22,7 @@ def mqsa(*args: str) -> subprocess.CompletedProcess:
 
 def test_synth_stats_train_evaluate(tmp_path) -> None:
     data = tmp_path / "data"
-    result = mqsa("data", "synth", "--out", str(data), "--users", "300", "--items", "80", "--clusters", "4")
+    result = mqsa("data", "synth", "--out", str(data), "--users", "300", "--items", "80", "--bundles", "40")
     assert result.returncode == 0, result.stderr
     stats = mqsa("data", "stats", str(data / "sequences.txt"))
     assert stats.returncode == 0, stats.stderr
@@ -65,8 +69,93 @@ def test_bad_input_is_one_clear_line(tmp_path) -> None:
     assert missing.returncode == 2 and "nope.txt: no such file" in missing.stderr
 
 
-def test_help_lists_subcommands() -> None:
+def test_help_lists_every_subcommand_with_its_help() -> None:
+    from mqsa.cli import build_parser
+
     result = mqsa("--help")
     assert result.returncode == 0
-    for name in ("data", "train", "evaluate"):
-        assert name in result.stdout
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    listed = {choice.dest: choice.help for choice in subcommands._choices_actions}
+    assert set(listed) == {"data", "train", "export", "serve", "demo", "evaluate"}
+    shown = " ".join(result.stdout.split())  # argparse wraps long lines
+    for name, text in listed.items():  # the usage line names them too: check each one's help line
+        assert f" {name} {text}" in shown, name
+
+
+def test_train_flags_are_the_config_fields_with_their_docs() -> None:
+    from mqsa.flags import attribute_help
+    from mqsa.models.mqsa import MQSAConfig
+    from mqsa.training.trainer import TrainConfig
+
+    result = mqsa("train", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps help text
+    for cls in (MQSAConfig, TrainConfig):
+        for field in fields(cls):
+            if field.name == "num_items":
+                assert "--num-items" not in text
+                continue
+            flag = "--" + field.name.replace("_", "-")
+            help_text = " ".join(attribute_help(cls)[field.name].split())
+            assert f"{flag}" in text and help_text in text, field.name
+    assert "--window " in text  # the older name of --windows still works
+    assert "(default: 0.5)" in text and "(default: 200)" in text
+
+
+def test_flag_values_reach_the_configs(tmp_path) -> None:
+    from mqsa.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["train", "--data", "d", "--out", "o", "--window", "2", "4", "--learn-alpha", "--precision", "bf16"]
+    )
+    assert args.windows == [2, 4] and args.learn_alpha is True and args.precision == "bf16"
+    assert args.lr == 1e-3 and args.hidden_size == 64  # untouched flags keep the dataclass defaults
+    bad = mqsa("train", "--data", "d", "--out", "o", "--precision", "fp8")
+    assert bad.returncode == 2 and "invalid choice: 'fp8'" in bad.stderr
+
+
+def test_a_bad_setting_is_one_line_naming_it(tmp_path) -> None:
+    result = mqsa("train", "--data", str(tmp_path / "d.txt"), "--out", str(tmp_path), "--dropout", "1.5")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "mqsa: error: dropout must be in [0, 1), got 1.5"
+
+
+def test_an_error_that_is_not_the_users_keeps_its_traceback(tmp_path, monkeypatch) -> None:
+    """Only the project's errors become one line with exit 2; a RuntimeError (a CUDA fault, a torch
+    bug) is not the user's mistake: it propagates with its traceback (exit 1 from Python)."""
+    from mqsa import cli
+
+    def crash(args: argparse.Namespace) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(cli, "_data_stats", crash)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        cli.main(["data", "stats", str(tmp_path / "any.txt")])
+    code = (
+        "import sys, mqsa.cli as c\n"
+        "def crash(args): raise RuntimeError('CUDA error: an illegal memory access')\n"
+        "c._data_stats = crash\n"
+        "sys.exit(c.main(['data', 'stats', 'x']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "RuntimeError: CUDA error" in result.stderr
+
+
+def test_every_project_error_is_an_mqsa_error_with_exit_code_2() -> None:
+    from mqsa import errors
+
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Exception)]
+    assert {c.__name__ for c in classes} >= {"DataError", "ConfigError", "ResumeError", "BundleError"}
+    for cls in classes:
+        assert issubclass(cls, errors.MQSAError) and cls.exit_code == 2, cls
+        assert cls.__name__ in errors.__doc__  # the tree in the docstring names every class
+    service = [c for c in classes if issubclass(c, errors.ServiceError) and c is not errors.ServiceError]
+    assert {c.__name__: c.status_code for c in service} == {
+        "Unauthorized": 401,
+        "InferenceError": 500,
+        "BundleError": 503,
+        "StoreUnavailable": 503,
+    }

@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Settings
+from mqsa.service.app import create_app
+from mqsa.service.bundle import load_bundle
+from mqsa.service.settings import Settings
 
 KEY = "k" * 20
 
@@ -244,35 +246,60 @@ def test_two_app_instances_share_all_state(bundle_dir, redis_url, key_prefix, vo
         assert not set(ids(a)) & set(vocab[40:45])
 
 
-def test_reload_under_traffic_and_refusal(client, bundle_dir, second_bundle_dir, tmp_path, vocab) -> None:
+def test_reload_under_traffic_swaps_models_without_a_failed_request(
+    client, bundle_dir, second_bundle_dir, tmp_path, vocab, monkeypatch
+) -> None:
+    """Four clients keep asking while the bundle is swapped: every answer is whole, requests sent
+    while the (slow, 0.4 s) load runs are answered during it by the old model (the event loop
+    keeps serving), and every request that starts after the swap gets the new model."""
+    from mqsa.service import registry
+
+    def slow_load(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.4)
+        return load_bundle(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "load_bundle", slow_load)
     before = client.get("/model").json()["model_version"]
     after = json.loads((second_bundle_dir / "manifest.json").read_text())["model_version"]
     assert before != after
     post_events(client, "jo", vocab[:6])
     failures: list[int] = []
-    versions: set[str] = set()
+    served: list[tuple[float, float, str]] = []  # (sent, answered, model version)
     stop = threading.Event()
 
     def traffic() -> None:
         while not stop.is_set():
+            sent = time.perf_counter()
             r = client.post("/recommend", json={"user_id": "jo", "n": 5})
             if r.status_code != 200 or len(r.json()["items"]) != 5:
                 failures.append(r.status_code)
             else:
-                versions.add(r.json()["model_version"])
+                served.append((sent, time.perf_counter(), r.json()["model_version"]))
+
+    def wait_for(count: int) -> None:
+        deadline = time.perf_counter() + 30
+        while len(served) < count and time.perf_counter() < deadline:
+            time.sleep(0.005)
 
     workers = [threading.Thread(target=traffic) for _ in range(4)]
     for w in workers:
         w.start()
+    wait_for(20)  # traffic is flowing before the swap
+    swap_sent = time.perf_counter()
     swapped = client.post("/admin/reload", json={"bundle_dir": str(second_bundle_dir)})
+    swap_done = time.perf_counter()
+    wait_for(len(served) + 20)  # and after it
     stop.set()
     for w in workers:
         w.join()
     assert swapped.status_code == 200
     assert swapped.json() == {"reloaded": True, "model_version": after, "previous_version": before}
-    assert (
-        failures == [] and after in client.post("/recommend", json={"user_id": "jo"}).json()["model_version"]
-    )
+    assert failures == []
+    assert {version for *_, version in served} == {before, after}
+    inside = [version for sent, answered, version in served if swap_sent < sent and answered < swap_done]
+    assert len(inside) >= 10 and set(inside) == {before}, f"{len(inside)} answered while the bundle loaded"
+    started_after = [version for sent, _, version in served if sent > swap_done]
+    assert started_after and set(started_after) == {after}
 
     corrupted = Path(shutil.copytree(bundle_dir, tmp_path / "corrupted"))
     (corrupted / "items.faiss").write_bytes(b"garbage")
@@ -283,7 +310,7 @@ def test_reload_under_traffic_and_refusal(client, bundle_dir, second_bundle_dir,
 
 
 def test_a_bad_bundle_stops_the_start(tmp_path, redis_url, key_prefix) -> None:
-    from service.errors import BundleError
+    from mqsa.errors import BundleError
 
     with (
         pytest.raises(BundleError, match="no such bundle directory"),

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from service.bundle import load_bundle, verify_bundle
-from service.errors import BundleError
+from mqsa.errors import BundleError
+from mqsa.service.bundle import load_bundle, verify_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,10 +64,14 @@ def test_missing_or_broken_manifest(copy, tmp_path) -> None:
 
 
 def test_service_never_imports_torch_models_or_training() -> None:
+    """Every module of the service (and the errors it shares) imported: none pulls the trainer in."""
     code = (
-        "import sys, service.bundle, service.retrieval, service.errors; "
-        "bad = [m for m in ('torch', 'models', 'training') if m in sys.modules]; "
-        "assert not bad, bad"
+        "import importlib, pkgutil, sys, mqsa.errors, mqsa.service as s\n"
+        "names = [m.name for m in pkgutil.iter_modules(s.__path__, 'mqsa.service.')]\n"
+        "assert len(names) >= 10, names\n"
+        "for name in names: importlib.import_module(name)\n"
+        "bad = [m for m in ('torch', 'mqsa.models', 'mqsa.training') if m in sys.modules]\n"
+        "assert not bad, bad\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

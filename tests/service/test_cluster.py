@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.event_log import export_events
-from service.settings import Settings
-from service.store import Event, HistoryStore, connect
-from training.prepare import read_log
+from mqsa.service.app import create_app
+from mqsa.service.event_log import export_events
+from mqsa.service.settings import Settings
+from mqsa.service.store import Event, HistoryStore, connect
+from mqsa.training.prepare import read_log
 
 
 def free_port() -> int:

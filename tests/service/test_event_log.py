@@ -7,10 +7,10 @@ import csv
 
 import pytest
 
-from service.errors import StoreUnavailable
-from service.event_log import export_events, export_events_sync
-from service.store import Event, HistoryStore, connect
-from training.prepare import read_log
+from mqsa.errors import StoreUnavailable
+from mqsa.service.event_log import export_events, export_events_sync
+from mqsa.service.store import Event, HistoryStore, connect
+from mqsa.training.prepare import read_log
 
 EVENTS = [
     Event("alice", "a", timestamp=1_700_000_000.0, event_id="e1"),
@@ -35,7 +35,7 @@ def fill(url: str, prefix: str) -> str:
         try:
             store = HistoryStore(client, prefix=prefix)
             await store.append(EVENTS)
-            return store.stream_key
+            return store.stream_keys[0]
         finally:
             await client.aclose()
 

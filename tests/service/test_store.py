@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from redis.crc import key_slot
 
-from service.errors import StoreUnavailable
-from service.store import AppendResult, Event, HistoryStore, bucket_of, connect, stream_keys
+from mqsa.errors import StoreUnavailable
+from mqsa.service.store import AppendResult, Event, HistoryStore, bucket_of, connect, stream_keys
 
 # Generous against a loaded machine; the outage tests use the service's 0.5 s.
 TIMEOUT = 3.0
@@ -117,7 +117,7 @@ def test_duplicate_event_ids_are_applied_once(redis_url, key_prefix):
         resent = await store.append(
             [Event("u", "b", event_id="e2"), Event("u", "c", event_id="e3"), Event("v", "b", event_id="e2")]
         )
-        stream = await client.xrange(store.stream_key)
+        stream = await client.xrange(store.stream_keys[0])
         return first, resent, await store.history("u", 10), await store.history("v", 10), stream
 
     first, resent, u, v, stream = with_store(redis_url, key_prefix, body)
@@ -137,7 +137,7 @@ def test_events_without_an_id_are_always_applied(redis_url, key_prefix):
     async def body(store, client):
         one = await store.append([Event("u", "a"), Event("u", "a"), Event("u", "a", event_id="")])
         two = await store.append([Event("u", "a")])
-        return one, two, await store.history("u", 10), await client.xlen(store.stream_key)
+        return one, two, await store.history("u", 10), await client.xlen(store.stream_keys[0])
 
     one, two, history, stream_length = with_store(redis_url, key_prefix, body)
     assert one == AppendResult(accepted=3, duplicates=0)
@@ -166,7 +166,7 @@ def test_concurrent_appends_lose_nothing_and_keep_each_requests_order(redis_url,
 
     async def body(store, client):
         results = await asyncio.gather(*(store.append(events("hot", items)) for items in requests))
-        return results, await store.history("hot", 10_000), await client.xlen(store.stream_key)
+        return results, await store.history("hot", 10_000), await client.xlen(store.stream_keys[0])
 
     results, history, stream_length = with_store(redis_url, key_prefix, body, history_cap=10_000)
     total = sum(len(items) for items in requests)
@@ -185,7 +185,7 @@ def test_stream_entries_match_the_accepted_events(redis_url, key_prefix):
             [Event("u", "a", timestamp=1_700_000_000.5, event_id="e1"), Event("v", "b"), Event("u", "c")]
         )
         after = time.time()
-        return before, after, await client.xrange(store.stream_key)
+        return before, after, await client.xrange(store.stream_keys[0])
 
     before, after, stream = with_store(redis_url, key_prefix, body)
     fields = [f for _, f in stream]
@@ -202,8 +202,8 @@ def test_stream_is_capped_near_maxlen(redis_url, key_prefix):
     async def body(store, client):
         for r in range(30):
             await store.append([Event(f"u{r % 3}", f"i{r}-{k}") for k in range(10)])
-        stream = await client.xrange(store.stream_key, count=1000)
-        return stream, await client.xrevrange(store.stream_key, count=1)
+        stream = await client.xrange(store.stream_keys[0], count=1000)
+        return stream, await client.xrevrange(store.stream_keys[0], count=1)
 
     stream, newest = with_store(redis_url, key_prefix, body, stream_maxlen=10)
     assert 10 <= len(stream) <= 10 + 100  # MAXLEN ~ trims whole nodes (100 entries each by default)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.evaluation import (
+from mqsa.training.evaluation import (
     EvalSet,
     evaluate_scores,
     make_test_set,
@@ -17,8 +17,8 @@ from training.evaluation import (
     target_ranks,
     transition_scorer,
 )
-from training.sequences import split_leave_one_out
-from training.transitions import TransitionGraph
+from mqsa.training.sequences import split_leave_one_out
+from mqsa.training.transitions import TransitionGraph
 
 
 def arrays(*rows: list[int]) -> list[np.ndarray]:
@@ -162,11 +162,11 @@ def test_length_sorted_batches_keep_each_users_rank() -> None:
 
 
 def test_model_metrics_do_not_depend_on_batching(trained_run) -> None:
-    from models.mqsa import MQSA
-    from training.evaluation import evaluate_model
-    from training.sequences import read_sequences
+    from mqsa.training.checkpoint import Checkpoint
+    from mqsa.training.evaluation import evaluate_model
+    from mqsa.training.sequences import read_sequences
 
-    model, _ = MQSA.from_checkpoint(str(trained_run["dir"] / "best.pt"))
+    model = Checkpoint.load(trained_run["dir"] / "best.pt").build_model()
     data = read_sequences(trained_run["data"])
     es = make_test_set(split_leave_one_out(data.sequences, model.config.max_len), model.config.max_len)
     es = EvalSet(inputs=es.inputs[:60], targets=es.targets[:60], history=es.history[:60])

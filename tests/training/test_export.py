@@ -6,18 +6,29 @@ import numpy as np
 import pytest
 import torch
 
-from models.mqsa import MQSA
-from service.bundle import load_bundle
-from service.retrieval import top_items
-from training.errors import DataError
-from training.evaluation import make_test_set, model_scorer, target_ranks
-from training.export import export_bundle
-from training.sequences import read_sequences, split_leave_one_out
+from mqsa.errors import ConfigError, DataError
+from mqsa.models.mqsa import MQSA
+from mqsa.service.bundle import Bundle, load_bundle
+from mqsa.service.metrics import Metrics
+from mqsa.service.recommender import recommend
+from mqsa.training.checkpoint import Checkpoint
+from mqsa.training.evaluation import make_test_set, model_scorer, target_ranks
+from mqsa.training.export import ExportConfig, export_bundle
+from mqsa.training.sequences import read_sequences, split_leave_one_out
 
 
 @pytest.fixture(scope="module")
 def model(trained_run) -> MQSA:
-    return MQSA.from_checkpoint(str(trained_run["dir"] / "best.pt"))[0]
+    return Checkpoint.load(trained_run["dir"] / "best.pt").build_model()
+
+
+def served(bundle: Bundle, history: list[int], n: int, exclude: set[int]) -> list[tuple[int, float]]:
+    """What the service answers for a history of item indices, through its own recommend():
+    (item_idx, score) pairs, best first."""
+    ids = bundle.item_ids
+    result = recommend(bundle, [ids[i] for i in history], n, {ids[i] for i in exclude}, None, Metrics())
+    assert result.source == "model"
+    return [(bundle.item_index[item_id], score) for item_id, score in result.items]
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +90,17 @@ def test_faiss_top_n_equals_full_ranking_top_n(bundle, model, users) -> None:
     for b, seen in enumerate(history):
         scores[b, torch.from_numpy(seen)] = -torch.inf
     expected = scores.topk(10, dim=1)
-    got = top_items(bundle, [s.tolist() for s in inputs], n=10, exclude=[set(h.tolist()) for h in history])
+    got = [served(bundle, s.tolist(), 10, set(h.tolist())) for s, h in zip(inputs, history, strict=True)]
     assert [[i for i, _ in row] for row in got] == expected.indices.tolist()
     np.testing.assert_allclose([[s for _, s in row] for row in got], expected.values.numpy(), atol=1e-4)
 
 
 def test_bundle_recommends_what_evaluation_ranks_first(bundle, model, users) -> None:
     """For every test user, the bundle's first item is the evaluation's first (up to float ties)."""
-    first = top_items(
-        bundle, [s.tolist() for s in users.inputs], n=1, exclude=[set(h) for h in users.history]
-    )
+    first = [
+        served(bundle, s.tolist(), 1, set(h.tolist()))
+        for s, h in zip(users.inputs, users.history, strict=True)
+    ]
     firsts = torch.tensor([row[0][0] for row in first])
     scores = model_scorer(model)(users.inputs)
     ranks = target_ranks(scores, firsts, users.history)  # history set to -inf in place
@@ -100,8 +112,8 @@ def test_bundle_recommends_what_evaluation_ranks_first(bundle, model, users) -> 
 
 def test_exact_n_items_and_no_excluded(bundle) -> None:
     banned = set(range(0, 200, 2))
-    rows = top_items(bundle, [[1, 3, 5]], n=100, exclude=[banned])
-    assert len(rows[0]) == 100 and not {i for i, _ in rows[0]} & banned
+    row = served(bundle, [1, 3, 5], 100, banned)
+    assert len(row) == 100 and not {i for i, _ in row} & banned
 
 
 def test_existing_bundle_needs_force(trained_run, bundle_dir, tmp_path) -> None:
@@ -110,8 +122,8 @@ def test_existing_bundle_needs_force(trained_run, bundle_dir, tmp_path) -> None:
 
 
 def test_failed_export_leaves_nothing(trained_run, tmp_path) -> None:
-    with pytest.raises(ValueError, match="nlist"):
-        export_bundle(trained_run["dir"] / "best.pt", tmp_path / "b", index="ivf", nlist=10_000)
+    with pytest.raises(ConfigError, match="nlist"):
+        export_bundle(trained_run["dir"] / "best.pt", tmp_path / "b", ExportConfig(index="ivf", nlist=10_000))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -120,10 +132,10 @@ def test_failed_export_leaves_nothing(trained_run, tmp_path) -> None:
 )
 def test_approximate_indexes_record_their_parameters(trained_run, tmp_path, kind, params) -> None:
     out = tmp_path / kind
-    manifest = export_bundle(trained_run["dir"] / "best.pt", out, index=kind, **params)
+    manifest = export_bundle(trained_run["dir"] / "best.pt", out, ExportConfig(index=kind, **params))
     assert manifest["index"]["type"] == kind
     for key, value in params.items():
         assert manifest["index"][key] == value
     bundle = load_bundle(out)
-    rows = top_items(bundle, [[1, 2, 3]], n=10, exclude=[{1, 2, 3}])
-    assert len(rows[0]) == 10
+    row = served(bundle, [1, 2, 3], 10, {1, 2, 3})
+    assert len(row) == 10 and not {i for i, _ in row} & {1, 2, 3}

@@ -7,18 +7,43 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.mqsa import MQSA, MQSAConfig
-from training.losses import (
-    TEDTeacher,
-    linear_logsumexp,
-    mqsa_loss,
-    ted_linear_term,
-    ted_loss_dense,
-)
-from training.sequences import left_pad
-from training.transitions import TransitionGraph
+from mqsa.models.mqsa import MQSA, MQSAConfig
+from mqsa.training.losses import LossSettings, TEDTeacher, linear_logsumexp, mqsa_loss, ted_linear_term
+from mqsa.training.sequences import left_pad
+from mqsa.training.transitions import TransitionGraph
 
 N = 11  # items; item N - 1 never has a successor
+
+
+def settings(lambda_kd: float = 0.1, tau: float = 0.1, l2: float = 1e-4, chunk: int = 256) -> LossSettings:
+    """The objective's settings; the paper's weights unless a test says otherwise."""
+    return LossSettings(lambda_kd=lambda_kd, tau=tau, l2=l2, chunk=chunk, dtype=torch.float32)
+
+
+def dense_counts(graph: TransitionGraph) -> torch.Tensor:
+    """(N, N) float32 transition counts: the graph written out, for the dense references."""
+    out = torch.zeros(graph.num_items, graph.num_items)
+    rows = np.repeat(np.arange(graph.num_items), graph.row_lengths())
+    out[torch.from_numpy(rows), torch.from_numpy(graph.indices)] = torch.from_numpy(graph.counts)
+    return out
+
+
+def ted_loss_dense(
+    student: torch.Tensor, items: torch.Tensor, table: torch.Tensor, counts: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """The TED loss as spec section 6 writes it, with a dense (N x N) teacher: the reference.
+
+    Args:
+        student: (K, D); items: (K,); table: (N, D); counts: (N, N) transition counts.
+
+    Returns:
+        Scalar mean cross-entropy(teacher_i, student_i) over the K occurrences.
+    """
+    row_max = counts.amax(dim=1, keepdim=True)
+    a_bar = torch.where(row_max > 0, counts / row_max.clamp_min(1e-12), torch.zeros_like(counts))
+    teacher = torch.softmax(a_bar / tau, dim=1)[items]  # (K, N)
+    log_student = torch.log_softmax(student @ table.T / tau, dim=1)  # (K, N)
+    return -(teacher * log_student).sum(1).mean()
 
 
 def random_graph(time_span: int, seed: int = 0) -> tuple[TransitionGraph, list[np.ndarray]]:
@@ -28,7 +53,8 @@ def random_graph(time_span: int, seed: int = 0) -> tuple[TransitionGraph, list[n
     sequences[0] = np.append(sequences[0], N - 1)
     graph = TransitionGraph.from_sequences(sequences, N, time_span)
     assert graph.row(N - 1)[0].size == 0
-    assert graph.row_lengths()[: N - 1].min() >= 0 and graph.nnz > N
+    followed = {int(s[k]) for s in sequences for k in range(len(s) - 1)}  # items some item follows
+    assert set(np.flatnonzero(graph.row_lengths()).tolist()) == followed and graph.nnz > N
     return graph, sequences
 
 
@@ -45,7 +71,7 @@ def test_teacher_rows_equal_dense_softmax(time_span: int, tau: float) -> None:
     graph, _ = random_graph(time_span)
     teacher = TEDTeacher.from_graph(graph, tau)
     dense = teacher.delta.to_dense().double() + teacher.shared.double()[:, None]  # (N, N)
-    counts = torch.from_numpy(graph.dense()).double()
+    counts = dense_counts(graph).double()
     row_max = counts.amax(1, keepdim=True)
     a_bar = torch.where(row_max > 0, counts / row_max.clamp_min(1), 0.0)
     torch.testing.assert_close(dense, torch.softmax(a_bar / tau, 1), atol=1e-6, rtol=1e-5)
@@ -75,7 +101,7 @@ def test_teacher_rejects_bad_tau() -> None:
 def test_sparse_ted_equals_dense_reference(time_span: int, tau: float) -> None:
     graph, _ = random_graph(time_span, seed=time_span)
     teacher = double(TEDTeacher.from_graph(graph, tau))
-    counts = torch.from_numpy(graph.dense()).double()
+    counts = dense_counts(graph).double()
     gen = torch.Generator().manual_seed(3)
     items = torch.cat([torch.randint(0, N, (25,), generator=gen), torch.tensor([N - 1, N - 1])])
 
@@ -209,7 +235,7 @@ def test_mqsa_loss_without_ted_equals_naive_cross_entropy() -> None:
     _, sequences = random_graph(1)
     model = tiny_model()
     inputs, targets = batch_from(sequences, 10, N)
-    loss, values = mqsa_loss(model, inputs, targets, teacher=None, lambda_kd=0.0, l2=0.0, chunk=4)
+    loss, values = mqsa_loss(model, inputs, targets, None, settings(lambda_kd=0.0, l2=0.0, chunk=4))
     ref = naive_rec(model, inputs, targets)
     assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
     assert values.rec == pytest.approx(ref.item(), abs=1e-5)
@@ -222,17 +248,17 @@ def test_mqsa_loss_without_ted_equals_naive_cross_entropy() -> None:
 def test_mqsa_loss_with_ted_equals_naive_reference(tau: float) -> None:
     graph, sequences = random_graph(1)
     teacher = TEDTeacher.from_graph(graph, tau)
-    counts = torch.from_numpy(graph.dense())
+    counts = dense_counts(graph)
     model = tiny_model()
     inputs, targets = batch_from(sequences, 10, N)
 
     def reference() -> tuple[torch.Tensor, torch.Tensor]:
         items = inputs[inputs != N]
-        student = model.item_emb(items) * math.sqrt(8)
+        student = model.item_emb(items) * math.sqrt(8)  # dropout is off: the model is in eval mode
         kd = ted_loss_dense(student, items, model.item_embeddings(), counts, tau)
         return naive_rec(model, inputs, targets), kd
 
-    loss, values = mqsa_loss(model, inputs, targets, teacher, lambda_kd=0.1, tau=tau, l2=0.0, chunk=5)
+    loss, values = mqsa_loss(model, inputs, targets, teacher, settings(tau=tau, l2=0.0, chunk=5))
     rec, kd = reference()
     assert loss.item() == pytest.approx(rec.item() + 0.1 * kd.item(), abs=1e-5)
     assert values.rec == pytest.approx(rec.item(), abs=1e-5)
@@ -246,8 +272,8 @@ def test_mqsa_loss_l2_penalty() -> None:
     _, sequences = random_graph(1)
     model = tiny_model()
     inputs, targets = batch_from(sequences, 10, N)
-    base, _ = mqsa_loss(model, inputs, targets, None, lambda_kd=0.0, l2=0.0)
-    loss, values = mqsa_loss(model, inputs, targets, None, lambda_kd=0.0, l2=1e-2)
+    base, _ = mqsa_loss(model, inputs, targets, None, settings(lambda_kd=0.0, l2=0.0))
+    loss, values = mqsa_loss(model, inputs, targets, None, settings(lambda_kd=0.0, l2=1e-2))
     penalty = 0.5 * 1e-2 * sum(p.detach().pow(2).sum().item() for p in model.parameters())
     assert values.l2 == pytest.approx(penalty, rel=1e-5)
     assert loss.item() == pytest.approx(base.item() + penalty, rel=1e-5)
@@ -257,7 +283,7 @@ def test_padding_row_gets_no_gradient_from_the_loss() -> None:
     graph, sequences = random_graph(1)
     model = tiny_model(dropout=0.5).train()
     inputs, targets = batch_from(sequences, 10, N)
-    loss, _ = mqsa_loss(model, inputs, targets, TEDTeacher.from_graph(graph, 0.1), lambda_kd=0.1, l2=1e-4)
+    loss, _ = mqsa_loss(model, inputs, targets, TEDTeacher.from_graph(graph, 0.1), settings())
     loss.backward()
     grad = model.item_emb.weight.grad
     assert grad[N].abs().max() == 0
@@ -272,7 +298,7 @@ def test_padding_contributes_nothing() -> None:
     inputs, targets = batch_from(short, 6, N)
 
     def run(inp: torch.Tensor, tgt: torch.Tensor, lambda_kd: float) -> tuple[float, float, float]:
-        loss, values = mqsa_loss(model, inp, tgt, teacher, lambda_kd=lambda_kd, l2=0.0)
+        loss, values = mqsa_loss(model, inp, tgt, teacher, settings(lambda_kd=lambda_kd, l2=0.0))
         return loss.item(), values.rec, values.kd
 
     ref = run(inputs, targets, 0.1)

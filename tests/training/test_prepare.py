@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.errors import DataError
-from training.prepare import kcore, prepare, read_log
-from training.sequences import read_sequences
-from training.vocabulary import Vocabulary
+from mqsa.errors import DataError
+from mqsa.training.prepare import PrepareConfig, kcore, prepare, read_log
+from mqsa.training.sequences import read_sequences
+from mqsa.training.vocabulary import Vocabulary
 
 # With k=3: D has 2 rows and goes; then item w (C, D, E) has 2 and goes; then E (x, y) has 2 and goes.
 CASCADE = {"A": "xyz", "B": "xyz", "C": "xyzw", "D": "wz", "E": "xyw"}
@@ -32,7 +32,7 @@ def outputs(out_dir) -> tuple[list[list[str]], list[str]]:
     assert users["format"] == 1
     data = read_sequences(out_dir / "sequences.txt", num_items=len(vocab))
     assert data.user_ids == [str(u) for u in range(data.num_users)]
-    return [vocab.to_ids(s) for s in data.sequences], users["user_ids"]
+    return [[vocab.item_ids[i] for i in s] for s in data.sequences], users["user_ids"]
 
 
 def test_kcore_iterates_to_fixed_point() -> None:
@@ -59,7 +59,7 @@ def test_prepare_orders_by_time_stably(tmp_path) -> None:
     ]
     log = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
     log.to_csv(tmp_path / "log.csv", index=False)
-    summary = prepare(tmp_path / "log.csv", tmp_path / "out", k=1)
+    summary = prepare(tmp_path / "log.csv", tmp_path / "out", PrepareConfig(k=1))
     sequences, users = outputs(tmp_path / "out")
     assert users == ["alice smith", "bob"]
     assert sequences == [["a", "b", "c"], ["b", "a", "c"]]
@@ -73,7 +73,11 @@ def test_prepare_shuffled_rows(tmp_path) -> None:
     rows = [(f"u{u}", f"i{(u + t) % 7}", 100 * u + t) for u in range(6) for t in range(5)]
     log = pd.DataFrame(rows, columns=["user", "item", "time"]).sample(frac=1.0, random_state=rng)
     log.to_csv(tmp_path / "log.csv", index=False)
-    prepare(tmp_path / "log.csv", tmp_path / "out", k=1, user_col="user", item_col="item", time_col="time")
+    prepare(
+        tmp_path / "log.csv",
+        tmp_path / "out",
+        PrepareConfig(k=1, user_col="user", item_col="item", time_col="time"),
+    )
     sequences, users = outputs(tmp_path / "out")
     expected = {f"u{u}": [f"i{(u + t) % 7}" for t in range(5)] for u in range(6)}
     assert dict(zip(users, sequences, strict=True)) == expected
@@ -87,7 +91,7 @@ def test_prepare_formats_and_cascade(tmp_path, name: str) -> None:
         log.to_parquet(path)
     else:
         log.to_csv(path, index=False, sep="\t" if ".tsv" in name else ",")
-    summary = prepare(path, tmp_path / "out", k=3)
+    summary = prepare(path, tmp_path / "out", PrepareConfig(k=3))
     sequences, users = outputs(tmp_path / "out")
     assert users == ["A", "B", "C"]
     assert sequences == [list("xyz")] * 3
@@ -108,7 +112,7 @@ def test_prepare_formats_and_cascade(tmp_path, name: str) -> None:
 def test_small_k_drops_short_users_and_reports(tmp_path) -> None:
     log = pd.DataFrame({"user_id": list("aaabbc"), "item_id": list("xyzxyx"), "timestamp": range(6)})
     log.to_csv(tmp_path / "log.csv", index=False)
-    summary = prepare(tmp_path / "log.csv", tmp_path / "out", k=1, min_users=1)
+    summary = prepare(tmp_path / "log.csv", tmp_path / "out", PrepareConfig(k=1, min_users=1))
     assert summary["users_after"] == 1
     assert summary["users_dropped_short"] == 2
     assert outputs(tmp_path / "out") == ([list("xyz")], ["a"])
@@ -191,7 +195,7 @@ def test_prepare_too_few_users(tmp_path) -> None:
     with pytest.raises(
         DataError, match=r"log.csv: too few users left after 4-core filtering: 0 \(need at least 2\)"
     ):
-        prepare(tmp_path / "log.csv", tmp_path / "out", k=4)
+        prepare(tmp_path / "log.csv", tmp_path / "out", PrepareConfig(k=4))
     with pytest.raises(DataError, match=r"too few users left after 3-core filtering: 3 \(need at least 5\)"):
-        prepare(tmp_path / "log.csv", tmp_path / "out", k=3, min_users=5)
+        prepare(tmp_path / "log.csv", tmp_path / "out", PrepareConfig(k=3, min_users=5))
     assert not (tmp_path / "out").exists()

@@ -6,8 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from training.run_state import ResumeError
-from training.trainer import TrainConfig, train
+from mqsa.errors import ResumeError
+from mqsa.training.trainer import TrainConfig, train
 
 SMALL = {"max_len": 10, "hidden_size": 16}
 CONFIG = TrainConfig(epochs=4, batch_size=256, seed=5, threads=1)

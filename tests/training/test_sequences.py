@@ -3,8 +3,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.errors import DataError
-from training.sequences import left_pad, read_sequences, sequence_stats, split_leave_one_out, write_sequences
+from mqsa.errors import DataError
+from mqsa.training.sequences import (
+    left_pad,
+    read_sequences,
+    sequence_stats,
+    split_leave_one_out,
+    write_sequences,
+)
 
 
 def test_round_trip(tmp_path) -> None:

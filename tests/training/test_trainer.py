@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.mqsa import MQSA
-from training.errors import DataError
-from training.scoring import evaluate_checkpoint
-from training.sequences import split_leave_one_out, write_sequences
-from training.trainer import TrainConfig, TrainingExamples, train
+from mqsa.errors import ConfigError, DataError
+from mqsa.training.checkpoint import Checkpoint
+from mqsa.training.evaluation import evaluate_checkpoint
+from mqsa.training.sequences import split_leave_one_out, write_sequences
+from mqsa.training.trainer import TrainConfig, TrainingExamples, train
 
 
 def test_two_epochs_beat_popularity_clearly(trained_run) -> None:
@@ -47,11 +47,14 @@ def test_record_names_the_hardware(trained_run) -> None:
 
 
 def test_checkpoint_alone_rebuilds_the_model(trained_run) -> None:
-    model, ckpt = MQSA.from_checkpoint(str(trained_run["dir"] / "best.pt"))
+    ckpt = Checkpoint.load(trained_run["dir"] / "best.pt")
+    model = ckpt.build_model()
     assert model.config.hidden_size == 32 and model.config.max_len == 20
-    assert len(ckpt["item_ids"]) == model.config.num_items
-    assert sum(ckpt["item_counts"]) > 0
-    again, _ = MQSA.from_checkpoint(str(trained_run["dir"] / "best.pt"))
+    assert len(ckpt.item_ids) == model.config.num_items
+    assert sum(ckpt.item_counts) > 0
+    assert ckpt.best.epoch == trained_run["metrics"]["best_epoch"]
+    assert ckpt.best.test == trained_run["metrics"]["test"]
+    again = Checkpoint.load(trained_run["dir"] / "best.pt").build_model()
     batch = torch.randint(0, model.config.num_items, (4, 20))
     torch.testing.assert_close(model.encode(batch), again.encode(batch), rtol=0, atol=0)
 
@@ -71,10 +74,15 @@ def test_same_seed_same_result(synthetic_data, tmp_path) -> None:
     assert a["test"] == b["test"]
 
 
-def test_patience_stops_early(synthetic_data, tmp_path) -> None:
-    config = TrainConfig(epochs=50, batch_size=256, lr=1e-9, patience=2, seed=0)
+def test_patience_stops_after_that_many_evaluations_without_gain(synthetic_data, tmp_path) -> None:
+    """lr 1e-12 leaves the weights as they are: epoch 1 is the best, epochs 2 and 3 are no
+    better (a tie is not a gain), so patience 2 stops the run after epoch 3."""
+    config = TrainConfig(epochs=50, batch_size=256, lr=1e-12, patience=2, seed=0)
     m = train(synthetic_data, tmp_path, {"max_len": 10, "hidden_size": 16}, config, progress=False)
-    assert m["epochs_run"] < 50
+    assert m["best_epoch"] == 1
+    assert m["epochs_run"] == 3
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    assert [r["valid_NDCG@20"] for r in rows] == [rows[0]["valid_NDCG@20"]] * 3
 
 
 def test_training_examples_are_shifted_and_left_padded() -> None:
@@ -85,7 +93,7 @@ def test_training_examples_are_shifted_and_left_padded() -> None:
     assert ex.inputs.tolist() == [[10, 10, 5, 6]]
     assert ex.targets.tolist() == [[10, 10, 6, 7]]
     inputs, targets = ex.batch(np.array([0]), torch.device("cpu"))
-    assert inputs.tolist() == [[5, 6]] and targets.tolist() == [[6, 7]]
+    assert inputs.tolist() == [[10, 10, 5, 6]] and targets.tolist() == [[10, 10, 6, 7]]  # the model trims
 
 
 def test_nothing_to_train_on_is_a_clear_error(tmp_path) -> None:
@@ -104,11 +112,17 @@ def test_nothing_to_train_on_is_a_clear_error(tmp_path) -> None:
         ("device", "tpu"),
         ("precision", "fp8"),
         ("patience", -1),
+        ("threads", -2),
     ],
 )
-def test_bad_train_config(field: str, value) -> None:
-    with pytest.raises(ValueError, match=field):
+def test_bad_train_config_is_a_config_error_naming_the_field(field: str, value) -> None:
+    with pytest.raises(ConfigError, match=field):
         TrainConfig(**{field: value})
+
+
+def test_num_items_in_the_model_config_is_refused(synthetic_data, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="num_items comes from the data"):
+        train(synthetic_data, tmp_path, {"num_items": 5}, TrainConfig(epochs=1), progress=False)
 
 
 def test_two_processes_end_with_identical_weights(synthetic_data, tmp_path) -> None:

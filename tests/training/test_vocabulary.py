@@ -2,33 +2,16 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
-from training.errors import DataError
-from training.vocabulary import Vocabulary, vocabulary_for
+from mqsa.errors import DataError
+from mqsa.training.vocabulary import Vocabulary, vocabulary_for
 
 
-def test_round_trip_id_index_id() -> None:
+def test_ids_in_index_order() -> None:
     vocab = Vocabulary(["b", "a", "item 3"])
     assert len(vocab) == 3
-    assert vocab.index("a") == 1
-    idx = vocab.to_indices(["item 3", "b", "a", "b"])
-    assert idx.dtype == np.int64
-    assert idx.tolist() == [2, 0, 1, 0]
-    assert vocab.to_ids(idx) == ["item 3", "b", "a", "b"]
-
-
-def test_unknown_id_and_index() -> None:
-    vocab = Vocabulary(["a"])
-    with pytest.raises(KeyError, match="unknown item id 'zz'"):
-        vocab.index("zz")
-    with pytest.raises(KeyError, match="'zz'"):
-        vocab.to_indices(["a", "zz"])
-    with pytest.raises(IndexError, match="out of range"):
-        vocab.to_ids([1])
-    with pytest.raises(IndexError):
-        vocab.to_ids([-1])
+    assert vocab.item_ids == ["b", "a", "item 3"]
 
 
 def test_duplicates_rejected() -> None:
@@ -39,7 +22,6 @@ def test_duplicates_rejected() -> None:
 def test_identity() -> None:
     vocab = Vocabulary.identity(4)
     assert vocab.item_ids == ["0", "1", "2", "3"]
-    assert vocab.index("3") == 3
 
 
 def test_save_load(tmp_path) -> None:
