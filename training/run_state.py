@@ -4,8 +4,10 @@ After every epoch the trainer writes ``last.pt`` beside ``best.pt``: the model a
 optimiser, the best epoch so far and its weights, the history, the patience count
 and every random generator the next epoch draws from (NumPy's batch order,
 torch's dropout). ``train(..., resume=True)`` loads it and runs the remaining
-epochs; on one process, the same device and the same thread count, the result is
-bit-identical to a run that was never stopped. A run may be resumed with more
+epochs; on one process, the same device and one CPU thread, the result is
+bit-identical to a run that was never stopped (with two threads or more, torch's
+parallel sums already differ between two unbroken runs of the same command on
+large data: docs/speed.md). A run may be resumed with more
 epochs, another patience or another thread count (then it goes on correctly but
 not bit for bit: sums are added in another order); anything else that shapes the
 result must match, or it is an error.
