@@ -23,11 +23,11 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mqsa import flags
-from mqsa.errors import MQSAError
+from mqsa.errors import ConfigError, MQSAError
 
 MODEL_EXCLUDE = ("num_items",)  # from the data, never a flag
 ALIASES = {"windows": ["--window"]}  # older flag names that still work
@@ -100,7 +100,8 @@ def _export(args: argparse.Namespace) -> None:
     from mqsa.training.export import ExportConfig, export_bundle
 
     config = ExportConfig(**flags.values(args, ExportConfig))
-    manifest = export_bundle(args.checkpoint, args.out, config, force=args.force)
+    hmac_key = os.environ.get("MQSA_BUNDLE_HMAC_KEY") or None  # a secret: never a flag
+    manifest = export_bundle(args.checkpoint, args.out, config, force=args.force, hmac_key=hmac_key)
     size = sum(f["bytes"] for f in manifest["files"].values())
     print(
         f"wrote {args.out}: model_version {manifest['model_version']}, {manifest['num_items']} items, "
@@ -112,14 +113,18 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from mqsa.service.bundle import verify_bundle
+    from mqsa.service.server import protocol_class
     from mqsa.service.settings import load_settings
 
     # Every worker builds its app from the environment, so the flags travel through it.
     os.environ["MQSA_BUNDLE_DIR"] = str(args.bundle)
-    verify_bundle(load_settings().bundle_dir)  # a bad setting or bundle: one line here, not in each worker
+    settings = load_settings()  # a bad setting or bundle: one line here, not in each worker
+    hmac_key = settings.bundle_hmac_key.get_secret_value() if settings.bundle_hmac_key else None
+    verify_bundle(settings.bundle_dir, hmac_key)
     uvicorn.run(
         "mqsa.service.app:create_app",
         factory=True,
+        http=protocol_class(),  # uvicorn's, with a time limit on request headers
         host=args.host,
         port=args.port,
         workers=args.workers,
@@ -128,19 +133,31 @@ def _serve(args: argparse.Namespace) -> None:
     )
 
 
+def _keys_new(args: argparse.Namespace) -> None:
+    from mqsa.service.keys import Scope, entry, new_key
+
+    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+    unknown = [s for s in scopes if s not in Scope.__members__.values()]
+    if not scopes or unknown:
+        raise ConfigError(f"--scopes takes read, write and admin, comma-separated; got {args.scopes!r}")
+    key = new_key()
+    print(f"key (give it to the client; it is shown once): {key}")
+    print(f"entry for MQSA_API_KEYS (the service keeps only this): {entry(key, scopes)}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from mqsa.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(**flags.values(args, DemoConfig)), keep_running=not args.no_wait)
 
 
-def _add_data(sub: argparse._SubParsersAction, full: bool) -> None:
+def _add_data(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> None:
     data = sub.add_parser("data", help="prepare, generate and inspect interaction data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("prepare", help="raw log (CSV/Parquet) -> k-core -> sequences + vocabulary")
     p.add_argument("log", help="CSV (.csv, .tsv, .csv.gz) or Parquet file with user, item, timestamp columns")
     p.add_argument("--out", required=True, help="output directory")
-    if full:
+    if full("data", "prepare"):  # pandas: only for this subcommand (export-events runs without it)
         from mqsa.training.prepare import PrepareConfig
 
         flags.add_flags(p, PrepareConfig)
@@ -148,7 +165,7 @@ def _add_data(sub: argparse._SubParsersAction, full: bool) -> None:
     p = data_sub.add_parser("synth", help="seeded synthetic data: bundles of items, users' tastes")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--raw-log", action="store_true", help="also write interactions.csv for `data prepare`")
-    if full:
+    if full("data", "synth"):
         from mqsa.training.synth import SynthConfig
 
         flags.add_flags(p, SynthConfig)
@@ -172,7 +189,7 @@ def _add_data(sub: argparse._SubParsersAction, full: bool) -> None:
     p.set_defaults(func=_data_stats)
 
 
-def _add_train(sub: argparse._SubParsersAction, full: bool) -> None:
+def _add_train(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> None:
     t = sub.add_parser("train", help="train MQSA-TED (defaults: the paper's hyperparameters)")
     t.add_argument("--data", required=True, help="sequence file (items.json beside it is used if present)")
     t.add_argument("--out", required=True, help="output directory")
@@ -183,7 +200,7 @@ def _add_train(sub: argparse._SubParsersAction, full: bool) -> None:
         help="go on from OUT/last.pt (written after every epoch) with the same settings; "
         "--epochs, --patience and --threads may change",
     )
-    if full:
+    if full("train"):
         from mqsa.models.mqsa import MQSAConfig
         from mqsa.training.trainer import TrainConfig
 
@@ -192,19 +209,19 @@ def _add_train(sub: argparse._SubParsersAction, full: bool) -> None:
     t.set_defaults(func=_train)
 
 
-def _add_export(sub: argparse._SubParsersAction, full: bool) -> None:
+def _add_export(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> None:
     x = sub.add_parser("export", help="checkpoint -> serving bundle (ONNX encoder, FAISS index, manifest)")
     x.add_argument("--checkpoint", required=True)
     x.add_argument("--out", required=True, help="bundle directory (written atomically)")
     x.add_argument("--force", action="store_true", help="replace an existing bundle")
-    if full:
+    if full("export"):
         from mqsa.training.export import ExportConfig
 
         flags.add_flags(x, ExportConfig)
     x.set_defaults(func=_export)
 
 
-def _add_serving(sub: argparse._SubParsersAction, full: bool) -> None:
+def _add_serving(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> None:
     s = sub.add_parser("serve", help="serve a bundle over HTTP (settings also from MQSA_* variables)")
     s.add_argument("--bundle", required=True, help="bundle directory written by `mqsa export`")
     s.add_argument("--host", default="127.0.0.1")
@@ -214,11 +231,16 @@ def _add_serving(sub: argparse._SubParsersAction, full: bool) -> None:
     s.set_defaults(func=_serve)
     d = sub.add_parser("demo", help="synthetic data -> train -> export -> Redis -> serve -> a recommendation")
     d.add_argument("--no-wait", action="store_true", help="stop the service after the recommendation")
-    if full:
+    if full("demo"):
         from mqsa.demo import DemoConfig
 
         flags.add_flags(d, DemoConfig)
     d.set_defaults(func=_demo)
+    k = sub.add_parser("keys", help="API keys for the service (MQSA_API_KEYS)")
+    k_sub = k.add_subparsers(dest="keys_command", required=True)
+    n = k_sub.add_parser("new", help="a fresh random key and its MQSA_API_KEYS entry (scopes + sha256)")
+    n.add_argument("--scopes", required=True, help="comma-separated: read (recommend), write (events), admin")
+    n.set_defaults(func=_keys_new)
     e = sub.add_parser("evaluate", help="full-ranking HR/NDCG@5/10/20 of a checkpoint, with baselines")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", required=True, help="the sequence file it was trained on")
@@ -249,24 +271,29 @@ def write_readme_settings(path: str | Path) -> None:
     path.write_text(f"{head}\n{readme_settings()}{text[end:]}", encoding="utf-8")
 
 
-def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
-    """The whole parser. ``commands``: the subcommands that get their settings flags (None: all).
+def build_parser(argv_head: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; ``argv_head``, the command line's first words, picks whose settings flags
+    are added (None: every subcommand's).
 
-    Settings flags come from modules that may import torch, so ``main`` asks only for
-    the subcommand it runs.
+    Settings flags come from modules that import torch or pandas, so ``main`` asks only
+    for those of the subcommand it runs: ``mqsa serve`` and ``mqsa data export-events``
+    run in the service image, which has neither.
     """
+
+    def full(*words: str) -> bool:
+        return argv_head is None or list(argv_head[: len(words)]) == list(words)
+
     parser = argparse.ArgumentParser(prog="mqsa", description="MQSA-TED sequential recommender.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add, name in ((_add_data, "data"), (_add_train, "train"), (_add_export, "export")):
-        add(sub, commands is None or name in commands)
-    _add_serving(sub, commands is None or "demo" in commands)
+    for add in (_add_data, _add_train, _add_export, _add_serving):
+        add(sub, full)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand. Returns 0, or an MQSAError's exit code after printing it in one line."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv[:1]).parse_args(argv)
+    args = build_parser(argv[:2]).parse_args(argv)
     try:
         args.func(args)
     except MQSAError as exc:

@@ -8,6 +8,8 @@
     ├── ResumeError           ``last.pt`` is missing, unreadable or from other settings or data
     └── ServiceError          raised by the HTTP service; each carries its HTTP status
         ├── Unauthorized      401  a missing or wrong API key
+        ├── Forbidden         403  a valid API key without the scope the route needs
+        ├── BundleRefused     409  /admin/reload: not a usable bundle (the old one keeps serving)
         ├── InferenceError    500  the encoder or the index failed on a request
         ├── BundleError       503  a bundle is missing, incomplete, corrupted or of an unknown format
         └── StoreUnavailable  503  Redis did not answer in time, refused or failed a command
@@ -63,6 +65,18 @@ class Unauthorized(ServiceError):
     """The request needs an API key and carries none, or a wrong one."""
 
     status_code = 401
+
+
+class Forbidden(ServiceError):
+    """The request's API key is valid but lacks the scope the route needs."""
+
+    status_code = 403
+
+
+class BundleRefused(ServiceError):
+    """A reload asked for a bundle that is not usable; the one loaded keeps serving."""
+
+    status_code = 409
 
 
 class InferenceError(ServiceError):

@@ -3,101 +3,44 @@
     from mqsa.service.app import create_app
     app = create_app()          # settings from MQSA_* environment variables
 
-Routes are in ``service/api.py``. Nothing here imports torch.
+Routes are in ``service/routes/`` (one router per resource). Every error answer has
+one shape, ``{"error", "detail", "fields"}`` (``schemas.ErrorOut``): the handlers
+here turn validation errors, routing errors (404, 405) and the service's own errors
+into it. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import time
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from mqsa import __version__
 from mqsa.errors import ServiceError, StoreUnavailable
-from mqsa.service.api import router
+from mqsa.service.edge import EdgeMiddleware
 from mqsa.service.metrics import Metrics
 from mqsa.service.registry import ModelRegistry
+from mqsa.service.routes import docs, events, health, model, recommend
 from mqsa.service.settings import Settings, load_settings
 from mqsa.service.store import HistoryStore, connect
 
-
-class EdgeMiddleware:
-    """Pure ASGI middleware: refuses oversize bodies (413) and times every request.
-
-    The latency histogram is labelled with the route template (not the raw
-    path), the method and the status.
-    """
-
-    def __init__(self, app: Any, max_body_bytes: int, metrics: Metrics) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-        self.metrics = metrics
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = {"code": 500}
-        limit = self.max_body_bytes
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _send_json(
-                send, 413, {"error": "body_too_large", "detail": f"request body exceeds {limit} bytes"}
-            )
-            self._observe(scope, 413, start)
-            return
-        if declared is None and scope["method"] in ("POST", "PUT", "PATCH"):
-            # No declared length (chunked): read up to the limit here, then replay it to the app.
-            body = bytearray()
-            while True:
-                message = await receive()
-                body += message.get("body", b"")
-                if len(body) > limit:
-                    await _send_json(
-                        send,
-                        413,
-                        {"error": "body_too_large", "detail": f"request body exceeds {limit} bytes"},
-                    )
-                    self._observe(scope, 413, start)
-                    return
-                if not message.get("more_body", False):
-                    break
-            replay = [{"type": "http.request", "body": bytes(body), "more_body": False}]
-
-            async def replayed_receive() -> dict:
-                return replay.pop() if replay else await receive()
-
-            receive = replayed_receive
-
-        async def recorded_send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        await self.app(scope, receive, recorded_send)
-        self._observe(scope, status["code"], start)
-
-    def _observe(self, scope: dict, status: int, start: float) -> None:
-        route = scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        self.metrics.requests.labels(route=path, method=scope["method"], status=str(status)).observe(
-            time.perf_counter() - start
-        )
+log = logging.getLogger("mqsa.service")
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 415: "unsupported_media_type"}
 
 
-async def _send_json(send: Any, status: int, body: dict) -> None:
-    payload = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
+def error_response(
+    status: int, code: str, detail: str, fields: Iterable[dict] = (), headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """An answer in the API's one error shape."""
+    content = {"error": code, "detail": detail, "fields": list(fields)}
+    return JSONResponse(status_code=status, content=content, headers=headers)
 
 
 def _field(loc: tuple) -> str:
@@ -106,18 +49,27 @@ def _field(loc: tuple) -> str:
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    detail = [
-        {"field": _field(tuple(e.get("loc", ()))), "message": e.get("msg", "invalid")} for e in exc.errors()
-    ]
-    return JSONResponse(status_code=422, content={"error": "invalid_request", "detail": detail})
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return error_response(400, "malformed_json", "the body is not valid JSON")
+    fields = [{"field": _field(tuple(e.get("loc", ()))), "message": e.get("msg", "invalid")} for e in errors]
+    return error_response(422, "invalid_request", "the request does not fit the API (see fields)", fields)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    code = HTTP_CODES.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
 
 
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
     headers = {"Retry-After": "1"} if isinstance(exc, StoreUnavailable) else None
-    name = "".join("_" + c.lower() if c.isupper() else c for c in type(exc).__name__).lstrip("_")
-    return JSONResponse(
-        status_code=exc.status_code, content={"error": name, "detail": str(exc)}, headers=headers
-    )
+    code = "".join("_" + c.lower() if c.isupper() else c for c in type(exc).__name__).lstrip("_")
+    return error_response(exc.status_code, code, str(exc), headers=headers)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error", "an unexpected error; the service's log has the details")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -127,26 +79,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        registry = ModelRegistry(settings.bundle_dir, settings.onnx_threads, settings.faiss_threads)
-        registry.load()
+        app.state.registry = _registry(settings)
+        app.state.registry.load()
         redis = connect(
             settings.redis_url.get_secret_value(),
             settings.redis_timeout_seconds,
+            health_check_seconds=settings.redis_health_check_seconds,
             cluster=settings.redis_cluster,
         )
-        app.state.registry = registry
-        app.state.store = HistoryStore(
-            redis,
-            prefix=settings.redis_prefix,
-            history_cap=settings.history_cap,
-            ttl_seconds=settings.history_ttl_seconds,
-            stream_maxlen=settings.stream_maxlen,
-            stream_shards=settings.stream_shards,
-        )
-        metrics.set_model(registry.bundle.model_version)
+        app.state.store = _store(settings, redis)
+        await app.state.store.check_durability()
+        metrics.set_model(app.state.registry.bundle.model_version)
         watcher = None
         if settings.watch_bundle:
-            watcher = asyncio.create_task(registry.watch(settings.watch_interval_seconds))
+            watcher = asyncio.create_task(app.state.registry.watch(settings.watch_interval_seconds))
         try:
             yield
         finally:
@@ -161,11 +107,45 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="Sequential recommendations from a user's recent items (MQSA-TED, WSDM 2024).",
         lifespan=lifespan,
+        docs_url=None,  # served by routes/docs.py, behind the read scope unless MQSA_PUBLIC_DOCS
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(
+        EdgeMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_seconds=settings.body_timeout_seconds,
+        metrics=metrics,
+    )
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ServiceError, _service_error)
-    app.include_router(router)
+    app.add_exception_handler(Exception, _unexpected_error)
+    for module in (events, recommend, model, health, docs):
+        app.include_router(module.router)
     return app
+
+
+def _registry(settings: Settings) -> ModelRegistry:
+    hmac_key = settings.bundle_hmac_key.get_secret_value() if settings.bundle_hmac_key else None
+    return ModelRegistry(
+        settings.bundle_dir, settings.reload_root, settings.onnx_threads, settings.faiss_threads, hmac_key
+    )
+
+
+def _store(settings: Settings, redis: Any) -> HistoryStore:
+    return HistoryStore(
+        redis,
+        prefix=settings.redis_prefix,
+        history_cap=settings.history_cap,
+        ttl_seconds=settings.history_ttl_seconds,
+        stream_maxlen=settings.stream_maxlen,
+        dedup_window_seconds=settings.dedup_window_seconds,
+        dedup_cap=settings.dedup_cap,
+        stream_shards=settings.stream_shards,
+        ack=settings.ack,
+        ack_replicas=settings.ack_replicas,
+        ack_timeout_ms=settings.ack_timeout_ms,
+    )

@@ -41,6 +41,12 @@ class Metrics:
         self.events = Counter(
             "mqsa_events_total", "Events received, by outcome", ["outcome"], registry=self.registry
         )
+        self.redis_memory = Gauge(
+            "mqsa_redis_memory_used_ratio",
+            "Redis used_memory / maxmemory at the last /readyz (0 when Redis sets no maxmemory); "
+            "with maxmemory-policy noeviction, /events answers 503 once it reaches 1",
+            registry=self.registry,
+        )
         self.model = Gauge(
             "mqsa_model_info", "The served model version (value 1)", ["version"], registry=self.registry
         )

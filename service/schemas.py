@@ -1,33 +1,60 @@
-"""Request and response bodies. Unknown fields are refused; every limit names its field."""
+"""Request and response bodies: the API's contract, as the OpenAPI document shows it.
+
+Requests are strict: unknown fields are refused, numbers must be JSON numbers (not
+strings or booleans), strings JSON strings; every limit names its field. Every error
+of every route has one shape, :class:`ErrorOut`.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 MAX_ID_LENGTH = 256
 MAX_EVENTS = 1000
 MAX_N = 200
 MAX_LIST = 1000
+MAX_TIMESTAMP = 4_102_444_800.0  # 2100-01-01 in seconds: anything later is a unit mistake (ms, us)
+# Not blank, no control characters (C0, DEL, C1): such an id cannot be told apart in a log,
+# and a blank one stops `mqsa data prepare` (the Rust regex engine has no look-ahead, hence the shape).
+ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
 
-Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
+Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)]
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False)
+def _whole_number(value: object) -> object:
+    """JSON has one number type: 10.0 is the integer 10 (JSON Schema agrees); "10" and true are not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
-class EventIn(Strict):
+Count = Annotated[int, BeforeValidator(_whole_number)]
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class EventIn(Request):
     user_id: Id
     item_id: Id
-    timestamp: float | None = Field(None, ge=0, description="seconds since the epoch; server time if absent")
+    timestamp: float | None = Field(
+        None,
+        ge=0,
+        le=MAX_TIMESTAMP,
+        allow_inf_nan=False,
+        description="seconds since the epoch; the server's time if absent",
+    )
     event_id: Id | None = Field(
-        None, description="idempotency key: an event_id already seen for the user is skipped"
+        None,
+        description="the client's id for this event: an event_id already seen for the user (within "
+        "the de-duplication window) is skipped, so a request can be resent safely",
     )
 
 
-class EventsIn(Strict):
+class EventsIn(Request):
     events: list[EventIn] = Field(min_length=1, max_length=MAX_EVENTS)
 
 
@@ -37,15 +64,17 @@ class EventsOut(BaseModel):
     unknown_items: int = Field(description="accepted events whose item the current model does not know")
 
 
-class RecommendIn(Strict):
+class RecommendIn(Request):
     user_id: Id
-    n: int = Field(10, ge=1, le=MAX_N)
+    n: Count = Field(10, ge=1, le=MAX_N)
     exclude_seen: bool = True
     exclude_items: list[Id] = Field(default_factory=list, max_length=MAX_LIST)
     recent_items: list[Id] | None = Field(
         None, max_length=MAX_LIST, description="use these items as the history instead of the stored one"
     )
-    alpha: float | None = Field(None, ge=0, le=1, description="short-branch weight; the bundle's by default")
+    alpha: float | None = Field(
+        None, ge=0, le=1, allow_inf_nan=False, description="short-branch weight; the bundle's by default"
+    )
 
 
 class ScoredItem(BaseModel):
@@ -61,7 +90,69 @@ class RecommendOut(BaseModel):
     degraded: bool = Field(False, description="true when Redis could not be read")
 
 
-class ReloadIn(Strict):
+class ReloadIn(Request):
     bundle_dir: str | None = Field(
-        None, max_length=4096, description="another bundle; the configured one if absent"
+        None,
+        min_length=1,
+        max_length=255,
+        description="a bundle directory under MQSA_BUNDLE_ROOT (a name relative to it, or an absolute path "
+        "inside it); the configured bundle if absent",
+    )
+
+
+class ReloadOut(BaseModel):
+    reloaded: bool
+    model_version: str
+    previous_version: str | None
+
+
+class ModelOut(BaseModel):
+    model_version: str
+    created_at: str | None
+    num_items: int
+    max_len: int
+    hidden_size: int
+    alpha: float
+    index: dict | None
+    metrics: dict | None
+    popular_items: int
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+
+
+class RedisMemory(BaseModel):
+    used_bytes: int
+    max_bytes: int = Field(description="Redis's maxmemory; 0 when it sets none")
+    used_ratio: float = Field(
+        description="used / max (0 when there is no max): /events fails at 1 (noeviction)"
+    )
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, bool]
+    model_version: str | None = None
+    redis_memory: RedisMemory | None = Field(
+        None, description="memory pressure, for a look (alert on the mqsa_redis_memory_used_ratio metric)"
+    )
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="the field's path in the body, e.g. events.0.timestamp")
+    message: str
+
+
+class ErrorOut(BaseModel):
+    """The one shape of every error answer (4xx and 5xx)."""
+
+    error: str = Field(
+        description="a stable code: invalid_request, malformed_json, unauthorized, forbidden, not_found, "
+        "method_not_allowed, body_too_large, unsupported_media_type, bundle_refused, bundle_error, "
+        "store_unavailable, inference_error, request_timeout, internal_error"
+    )
+    detail: str = Field(description="what is wrong, for a person to read")
+    fields: list[FieldError] = Field(
+        default_factory=list, description="for invalid_request: every field and what is wrong with it"
     )

@@ -1,18 +1,22 @@
 """Service settings from the environment (prefix ``MQSA_``), validated by pydantic-settings.
 
 Every setting is listed in the README. In production (``MQSA_ENVIRONMENT=production``)
-unsafe values are refused at start: no API keys, or keys shorter than 16 characters.
+the service refuses to start without API keys. Secrets (the Redis URL, which may hold
+a password, and the keys' digests) are ``SecretStr``-like and never printed: an
+invalid setting is reported by name and reason, never by value (:func:`load_settings`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from mqsa.errors import ConfigError
+from mqsa.service.keys import StoredKey, parse_entries
 
 
 class Settings(BaseSettings):
@@ -20,19 +24,39 @@ class Settings(BaseSettings):
 
     Attributes:
         bundle_dir: the serving bundle written by ``mqsa export``.
+        bundle_root: ``/admin/reload`` loads only bundles under this directory
+            (default: the parent of ``bundle_dir``).
+        bundle_hmac_key: when set, a bundle's manifest must carry a valid HMAC-SHA256
+            signature made with this key (``mqsa export --sign``).
         environment: "development" or "production" (stricter checks).
         redis_url: where user histories and the event stream live.
         redis_cluster: ``redis_url`` names a node of a Redis Cluster.
         redis_prefix: prefix of every key this service writes.
         redis_timeout_seconds: socket timeout of every Redis call.
+        redis_health_check_seconds: a pooled connection idle this long is checked
+            (PING) before it is used again.
         history_cap: items kept per user (more than the model's T).
         history_ttl_seconds: a user's history expires after this long without events.
+        dedup_window_seconds: an event id is remembered this long for de-duplication.
+        dedup_cap: the most event ids remembered per user (the newest); up to 128 the set
+            keeps Redis's compact encoding.
         stream_maxlen: approximate bound of the event streams together.
         stream_shards: buckets (hash-tag slots, one stream each) users are spread over.
+        ack: when ``/events`` answers: "memory" once Redis has applied the events,
+            "disk" once they are also in Redis's append-only file on disk.
+        ack_replicas: also wait until this many replicas have the events.
+        ack_timeout_ms: how long to wait for the disk or the replicas before answering 503
+            (less than redis_timeout_seconds: the wait is one Redis call).
         onnx_threads: onnxruntime threads per worker.
         faiss_threads: FAISS threads per worker.
-        api_keys: comma-separated keys; when set, /events and /admin/* need one.
+        api_keys: ``SCOPES:SHA256`` entries (see ``service/keys.py``); when set, every
+            route but /healthz and /readyz needs a key with the route's scope.
+        public_docs: /docs and /openapi.json need no key even when keys are set.
+        public_metrics: /metrics needs no key even when keys are set.
         max_body_bytes: larger request bodies are refused with 413.
+        body_timeout_seconds: a request body not received within this is refused with 408.
+        header_timeout_seconds: a connection that has not sent its request headers within
+            this is closed (``mqsa serve``).
         watch_bundle: poll the bundle directory and reload when it changes.
         watch_interval_seconds: how often to poll.
     """
@@ -40,40 +64,71 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MQSA_", extra="ignore")
 
     bundle_dir: Path
+    bundle_root: Path | None = None
+    bundle_hmac_key: SecretStr | None = None
     environment: Literal["development", "production"] = "development"
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     redis_cluster: bool = False
     redis_prefix: str = Field("mqsa", min_length=1, max_length=64, pattern=r"^[^{}]+$")
     redis_timeout_seconds: float = Field(0.25, gt=0, le=30)
+    redis_health_check_seconds: float = Field(5.0, ge=0, le=3600)
     history_cap: int = Field(200, ge=1, le=100_000)
     history_ttl_seconds: int = Field(30 * 24 * 3600, ge=60)
+    dedup_window_seconds: int = Field(24 * 3600, ge=1)
+    dedup_cap: int = Field(128, ge=1, le=1_000_000)
     stream_maxlen: int = Field(1_000_000, ge=1000)
     stream_shards: int = Field(16, ge=1, le=16384)
+    ack: Literal["memory", "disk"] = "memory"
+    ack_replicas: int = Field(0, ge=0, le=16)
+    ack_timeout_ms: int = Field(200, ge=1, le=60_000)
     onnx_threads: int = Field(1, ge=1, le=64)
     faiss_threads: int = Field(1, ge=1, le=64)
-    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    api_keys: Annotated[list[StoredKey], NoDecode] = Field(default_factory=list)
+    public_docs: bool = False
+    public_metrics: bool = False
     max_body_bytes: int = Field(1_000_000, ge=1024)
+    body_timeout_seconds: float = Field(10.0, gt=0, le=600)
+    header_timeout_seconds: float = Field(10.0, gt=0, le=600)
     watch_bundle: bool = False
     watch_interval_seconds: float = Field(5.0, gt=0)
 
     @field_validator("api_keys", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _parse_keys(cls, value: object) -> object:
         if isinstance(value, str):
-            return [k.strip() for k in value.split(",") if k.strip()]
+            return parse_entries(value)
         return value
 
     @model_validator(mode="after")
-    def _refuse_unsafe_production(self) -> Settings:
-        if self.environment == "production":
-            if not self.api_keys:
-                raise ValueError("MQSA_API_KEYS must be set in production (the admin routes would be open)")
-            if any(len(k.get_secret_value()) < 16 for k in self.api_keys):
-                raise ValueError("every API key must be at least 16 characters in production")
+    def _refuse_unsafe_values(self) -> Settings:
+        if self.environment == "production" and not self.api_keys:
+            raise ValueError("MQSA_API_KEYS must be set in production (every route would be open)")
+        if self.ack_timeout_ms >= self.redis_timeout_seconds * 1000:
+            raise ValueError("MQSA_ACK_TIMEOUT_MS must be below MQSA_REDIS_TIMEOUT_SECONDS (in ms)")
         return self
 
+    @property
+    def reload_root(self) -> Path:
+        """The directory ``/admin/reload`` may load bundles from."""
+        return (self.bundle_root or self.bundle_dir.parent).resolve()
 
-def load_settings(**overrides: object) -> Settings:
+    def redis_url_masked(self) -> str:
+        """The Redis URL with its password (if any) replaced by ``***``, for logs and errors."""
+        return mask_url(self.redis_url.get_secret_value())
+
+
+def mask_url(url: str) -> str:
+    """``redis://user:secret@host:6379/0`` -> ``redis://user:***@host:6379/0``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+def load_settings(**overrides: Any) -> Settings:
     """The settings from the environment (and ``overrides``), or one ConfigError naming every bad one.
 
     The message names each variable and what is wrong with it, never the value given
@@ -86,7 +141,7 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         problems = []
-        for error in exc.errors():
+        for error in exc.errors(include_input=False, include_context=False, include_url=False):
             name = "_".join(str(part) for part in error.get("loc", ()) if isinstance(part, str))
             where = f"MQSA_{name.upper()}" if name else "the settings"
             problems.append(f"{where}: {error.get('msg', 'invalid')}")

@@ -5,8 +5,10 @@ Keys, for a prefix ``p`` (default ``mqsa``) and the user's bucket
 
 * ``p:{b<b>}:u:<user_id>:items`` – a LIST of external item ids, newest at the
   right, trimmed to ``history_cap``.
-* ``p:{b<b>}:u:<user_id>:events`` – a ZSET of the user's recent event ids, scored
-  by arrival (a per-user sequence number), trimmed to the ``dedup_cap`` newest.
+* ``p:{b<b>}:u:<user_id>:events`` – a ZSET of 64-bit digests of the user's recent
+  event ids (:func:`dedup_key`), scored by arrival time in ms: ids older than
+  ``dedup_window_seconds`` are dropped, and at most the ``dedup_cap`` newest are
+  kept; the key expires a window after the user's last event id.
 * ``p:{b<b>}:events`` – the bucket's STREAM of every accepted event (fields
   ``user_id``, ``item_id``, ``timestamp``, ``event_id``), capped near
   ``stream_maxlen / stream_shards``; :mod:`mqsa.service.event_log` exports all the
@@ -18,6 +20,12 @@ Cluster, and ``stream_shards`` buckets spread users over that many slots (one
 bucket = one slot; the service's default is 16). The per-user keys share the
 TTL: every append refreshes it.
 
+De-duplication is bounded by time and count, so a user's memory is too: an
+event id resent after ``dedup_window_seconds`` (default a day), or after more than
+``dedup_cap`` (default 128) newer ids of the same user, is accepted again. The set
+never holds more than the cap, so with the default (Redis's
+``zset-max-listpack-entries`` is 128) it stays in Redis's compact encoding.
+
 Design: :meth:`HistoryStore.append` groups a request's events by user and sends
 one Lua script call (EVALSHA) per user, all in one non-transactional pipeline:
 one round trip per request. The script is atomic per user: it skips events
@@ -28,7 +36,14 @@ for one user never interleave. A request spanning several users is atomic per
 user only: if Redis fails half-way, some users' events may be stored and others
 not, and the request fails; resending it with the same event ids is safe.
 
-Needs Redis >= 6.2 (``XRANGE`` with exclusive ranges, in the exporter). Redis
+Connections: a pooled connection idle for ``health_check_seconds`` is PINGed before
+use, and a call that fails on a closed or refused connection is retried once on a
+fresh one (after a Redis restart every pooled connection is dead). A retry can only
+apply events twice if Redis applied them and died before answering; event ids make
+even that exact. Timeouts are never retried: a hung Redis fails the request. When
+the answer is sent, see ``service/durability.py``.
+
+Needs Redis >= 7.0 (the script's shebang; ``XRANGE`` with exclusive ranges, in the exporter). Redis
 errors are translated into :class:`~mqsa.errors.StoreUnavailable` in one
 place, :func:`redis_errors`. Never imports torch, ``models`` or ``training``.
 """
@@ -36,6 +51,8 @@ place, :func:`redis_errors`. Never imports torch, ``models`` or ``training``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import math
 import time
 import zlib
@@ -45,36 +62,52 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis import exceptions as redis_exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 
-from mqsa.errors import StoreUnavailable
+from mqsa.errors import ConfigError, StoreUnavailable
+from mqsa.service.durability import AckPlan, AckPolicy, plan, version_of
 
 # KEYS: items list, event-id zset, stream.
-# ARGV: user_id, history_cap, ttl_seconds, stream_maxlen, dedup_cap, then
-#       (item_id, timestamp, event_id) per event, event_id '' when absent.
+# ARGV: user_id, history_cap, ttl_seconds, stream_maxlen, dedup_cap, now_ms, window_ms, then
+#       (item_id, timestamp, event_id, dedup_key) per event, event_id and dedup_key '' when absent.
 # Returns one flag per event: 1 accepted, 0 duplicate.
-APPEND_SCRIPT = """
+log = logging.getLogger("mqsa.service")
+
+# The shebang (Redis >= 7) makes it a declared write script: on an out-of-memory server it is
+# refused before it runs, never half-way (without it, Redis checks memory at the first write
+# command that may grow it, and a ZREMRANGEBYSCORE first would let every later write through).
+APPEND_SCRIPT = """#!lua
 local items, seen, stream = KEYS[1], KEYS[2], KEYS[3]
 local user_id = ARGV[1]
 local cap = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
 local maxlen = ARGV[4]
 local dedup_cap = tonumber(ARGV[5])
-local seq = 0
-local last = redis.call('ZRANGE', seen, -1, -1, 'WITHSCORES')
-if last[2] then seq = tonumber(last[2]) end
+local now = tonumber(ARGV[6])
+local window = tonumber(ARGV[7])
+-- scores are integers, ms * 1000 + the event's place in this call: ordered, and compact
+redis.call('ZREMRANGEBYSCORE', seen, '-inf', '(' .. ((now - window) * 1000))
+local size = redis.call('ZCARD', seen)
 local flags = {}
-for i = 6, #ARGV, 3 do
-  local item, ts, eid = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+local n = 0
+for i = 8, #ARGV, 4 do
+  local item, ts, eid, key = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local fresh = 1
-  if eid ~= '' then
-    if redis.call('ZSCORE', seen, eid) then
+  if key ~= '' then
+    if redis.call('ZSCORE', seen, key) then
       fresh = 0
     else
-      seq = seq + 1
-      redis.call('ZADD', seen, seq, eid)
+      if size >= dedup_cap then  -- make room first: the set never grows past the cap
+        redis.call('ZREMRANGEBYRANK', seen, 0, size - dedup_cap)
+        size = dedup_cap - 1
+      end
+      n = n + 1
+      redis.call('ZADD', seen, now * 1000 + n, key)
+      size = size + 1
     end
   end
   if fresh == 1 then
@@ -84,13 +117,21 @@ for i = 6, #ARGV, 3 do
   end
   flags[#flags + 1] = fresh
 end
-local extra = redis.call('ZCARD', seen) - dedup_cap
-if extra > 0 then redis.call('ZREMRANGEBYRANK', seen, 0, extra - 1) end
 redis.call('LTRIM', items, -cap, -1)
 redis.call('EXPIRE', items, ttl)
-redis.call('EXPIRE', seen, ttl)
+if size > 0 then redis.call('PEXPIRE', seen, window) end
 return flags
 """
+
+
+def dedup_key(event_id: str) -> str:
+    """The member a user's de-duplication set keeps for an event id: 64 bits of its BLAKE2b.
+
+    16 hex characters whatever the id's length (a UUID is 36): the set's memory is bounded
+    by its count, not by what clients send. Two ids of one user collide with probability
+    about n^2 / 2^65 (5e-16 for 128 ids).
+    """
+    return hashlib.blake2b(event_id.encode(), digest_size=8).hexdigest()
 
 
 @dataclass
@@ -126,20 +167,36 @@ class AppendResult:
     applied: list[bool] = field(default_factory=list, compare=False)
 
 
+# Failures of Redis as a service (down, hung, full, read-only, loading, failing over): a 503.
+# Anything else redis-py raises (WRONGTYPE, a bad argument) is a bug and keeps its traceback.
+UNAVAILABLE = (
+    redis_exceptions.ConnectionError,  # includes BusyLoadingError, AuthenticationError
+    redis_exceptions.TimeoutError,
+    redis_exceptions.OutOfMemoryError,
+    redis_exceptions.ReadOnlyError,
+    redis_exceptions.MasterDownError,
+    redis_exceptions.TryAgainError,
+    redis_exceptions.ClusterDownError,
+    redis_exceptions.MaxConnectionsError,
+    OSError,
+)
+
+
 @contextmanager
 def redis_errors() -> Iterator[None]:
-    """Translate every Redis failure in the block into :class:`StoreUnavailable`.
+    """Translate Redis being unavailable into :class:`StoreUnavailable`, in one place.
 
-    The one place where redis-py's exceptions (connection refused or lost,
-    timeouts, pool exhausted, error replies) and socket-level ``OSError`` become
-    the service's 503.
+    Connection refused or lost, timeouts, a full pool, and the server refusing writes
+    (out of memory under ``noeviction``, a read-only replica, loading, a cluster that is
+    down) become the service's 503; other errors are not Redis's state but a bug, and
+    propagate.
 
     Raises:
         StoreUnavailable: from the original exception.
     """
     try:
         yield
-    except (RedisError, OSError) as exc:
+    except UNAVAILABLE as exc:
         raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
 
 
@@ -149,17 +206,19 @@ def connect(
     max_connections: int = 64,
     pool_timeout_seconds: float = 2.0,
     connect_timeout_seconds: float = 2.0,
+    health_check_seconds: float = 5.0,
     cluster: bool = False,
 ) -> aioredis.Redis | aioredis.RedisCluster:
     """An asyncio Redis client for the store, with its own bounded connection pool.
 
-    Every send and read times out after ``timeout_seconds``, opening a
-    connection after ``connect_timeout_seconds`` (a burst opens many at once);
-    waiting for a free connection when all ``max_connections`` are busy times
-    out after ``pool_timeout_seconds`` (a burst of requests queues briefly
-    instead of failing); nothing is retried (a retried pipeline could apply
-    events twice, and a hung Redis must fail a request, not stall it).
-    Replies are decoded to ``str``. Close it with ``await client.aclose()``,
+    Every send and read times out after ``timeout_seconds``, opening a connection
+    after ``connect_timeout_seconds`` (a burst opens many at once); waiting for a free
+    connection when all ``max_connections`` are busy times out after
+    ``pool_timeout_seconds`` (a burst of requests queues briefly instead of failing).
+    A connection idle for ``health_check_seconds`` is PINGed before use (0: always).
+    A call that fails on a closed or refused connection is retried once, at once, on
+    a fresh one; a timeout is never retried (a hung Redis must fail a request, not
+    stall it). Replies are decoded to ``str``. Close it with ``await client.aclose()``,
     which also closes the pool. No connection is opened until the first command.
 
     Args:
@@ -169,28 +228,24 @@ def connect(
         max_connections: the most connections the pool opens (per node on a cluster).
         pool_timeout_seconds: the limit on waiting for a free connection.
         connect_timeout_seconds: the limit on opening a connection.
+        health_check_seconds: idle time after which a connection is checked before use.
         cluster: talk to a Redis Cluster (every command routed to its slot's node).
 
     Returns:
         The client; it owns the pool.
     """
+    retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+    options = {
+        "socket_timeout": timeout_seconds,
+        "socket_connect_timeout": connect_timeout_seconds,
+        "decode_responses": True,
+        "retry": retry,
+        "health_check_interval": health_check_seconds,
+    }
     if cluster:
-        return aioredis.RedisCluster.from_url(
-            url,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=connect_timeout_seconds,
-            max_connections=max_connections,
-            decode_responses=True,
-            retry=Retry(NoBackoff(), 0),
-        )
+        return aioredis.RedisCluster.from_url(url, max_connections=max_connections, **options)
     pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=pool_timeout_seconds,
-        socket_timeout=timeout_seconds,
-        socket_connect_timeout=connect_timeout_seconds,
-        decode_responses=True,
-        retry=Retry(NoBackoff(), 0),
+        url, max_connections=max_connections, timeout=pool_timeout_seconds, **options
     )
     return aioredis.Redis.from_pool(pool)
 
@@ -209,21 +264,23 @@ class HistoryStore:
     """Recent item histories per user, appended atomically with de-duplication by event id.
 
     Args:
-        redis: an asyncio client, best made by :func:`connect` (``decode_responses=True``
-            and no retries).
+        redis: an asyncio client, best made by :func:`connect` (``decode_responses=True``).
         prefix: the first part of every key.
         history_cap: the most items kept per user (the newest).
-        ttl_seconds: a user's keys expire this long after their last append.
+        ttl_seconds: a user's history expires this long after their last append.
         stream_maxlen: the event stream is trimmed to about this many entries
             (``MAXLEN ~``: Redis trims whole nodes, so it may hold up to about a
             hundred more).
-        dedup_cap: the most event ids remembered per user (the newest); an event
-            resent after this many newer ones is accepted again.
+        dedup_window_seconds: an event id is remembered this long.
+        dedup_cap: the most event ids remembered per user (the newest).
         stream_shards: how many buckets (hash-tag slots, one stream each) users are
             spread over; 1 keeps everything in one slot.
+        ack: "memory" or "disk": when ``append`` returns (``service/durability.py``).
+        ack_replicas: also wait for this many replicas.
+        ack_timeout_ms: the longest wait for the disk or the replicas.
 
     Raises:
-        ValueError: for a cap, TTL, length or shard count below 1, or a prefix with braces.
+        ValueError: for a cap, TTL, window, length or shard count below 1, or a prefix with braces.
     """
 
     def __init__(
@@ -233,29 +290,32 @@ class HistoryStore:
         history_cap: int = 200,
         ttl_seconds: int = 30 * 24 * 3600,
         stream_maxlen: int = 1_000_000,
-        dedup_cap: int = 10_000,
+        dedup_window_seconds: int = 24 * 3600,
+        dedup_cap: int = 128,
         stream_shards: int = 1,
+        ack: str = "memory",
+        ack_replicas: int = 0,
+        ack_timeout_ms: int = 200,
     ) -> None:
-        for name, value in (
-            ("history_cap", history_cap),
-            ("ttl_seconds", ttl_seconds),
-            ("stream_maxlen", stream_maxlen),
-            ("dedup_cap", dedup_cap),
-            ("stream_shards", stream_shards),
-        ):
+        limits = {"history_cap": history_cap, "ttl_seconds": ttl_seconds, "stream_maxlen": stream_maxlen}
+        limits |= {"dedup_window_seconds": dedup_window_seconds, "dedup_cap": dedup_cap}
+        for name, value in (*limits.items(), ("stream_shards", stream_shards)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be at least 1, got {value!r}")
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"the key prefix must not contain braces (hash tags), got {prefix!r}")
         self.redis = redis
         self.prefix = prefix
         self.history_cap = int(history_cap)
         self.ttl_seconds = int(ttl_seconds)
         self.stream_maxlen = int(stream_maxlen)
         self._shard_maxlen = max(1, self.stream_maxlen // max(1, int(stream_shards)))
+        self.dedup_window_ms = int(dedup_window_seconds) * 1000
         self.dedup_cap = int(dedup_cap)
-        if "{" in prefix or "}" in prefix:
-            raise ValueError(f"the key prefix must not contain braces (hash tags), got {prefix!r}")
         self.stream_shards = int(stream_shards)
         self.stream_keys = stream_keys(prefix, self.stream_shards)
+        self.ack_policy = AckPolicy(ack, int(ack_replicas), int(ack_timeout_ms))  # type: ignore[arg-type]
+        self._ack_plan: AckPlan | None = None  # chosen at the first write (or at start, if Redis answers)
         self._script = redis.register_script(APPEND_SCRIPT)
 
     def _tagged(self, user_id: str) -> str:
@@ -266,19 +326,43 @@ class HistoryStore:
         return f"{self._tagged(user_id)}:u:{user_id}:items"
 
     def events_key(self, user_id: str) -> str:
-        """The user's set of seen event ids: ``{prefix}:{b<bucket>}:u:<user_id>:events``."""
+        """The user's set of recent event-id digests: ``{prefix}:{b<bucket>}:u:<user_id>:events``."""
         return f"{self._tagged(user_id)}:u:{user_id}:events"
 
     def stream_key_for(self, user_id: str) -> str:
         """The stream of the user's bucket: ``{prefix}:{b<bucket>}:events``."""
         return f"{self._tagged(user_id)}:events"
 
+    async def check_durability(self) -> AckPlan | None:
+        """Choose how to keep the ack policy on this server; None if Redis does not answer now.
+
+        Raises:
+            ConfigError: the policy cannot be kept on this server (e.g. MQSA_ACK=disk on
+                Redis 7.0 with appendfsync everysec).
+        """
+        if isinstance(self.redis, aioredis.RedisCluster):  # no wait is offered there: nothing to ask
+            self._ack_plan = plan(self.ack_policy, (0,), None, cluster=True)
+            return self._ack_plan
+        try:
+            with redis_errors():
+                info = await self.redis.info("server")
+                try:
+                    config = await self.redis.config_get("appendonly", "appendfsync")
+                except redis_exceptions.ResponseError:  # CONFIG renamed or refused (managed Redis)
+                    config = None
+        except StoreUnavailable:
+            return None
+        self._ack_plan = plan(self.ack_policy, version_of(info), config, cluster=False)
+        log.info("events are acknowledged once %s", self._ack_plan.guarantee)
+        return self._ack_plan
+
     async def append(self, events: list[Event]) -> AppendResult:
         """Add events to their users' histories and to the stream, skipping resent event ids.
 
         Events are grouped by user in order of arrival; each user's events are
         applied in one atomic script call, and all users' calls go in one
-        pipeline round trip. Events without a timestamp get ``time.time()``.
+        pipeline round trip (with the durability wait, if any, at its end).
+        Events without a timestamp get ``time.time()``.
 
         Args:
             events: the request's events, in arrival order; may mix users.
@@ -288,10 +372,17 @@ class HistoryStore:
 
         Raises:
             ValueError: for an empty user or item id or a timestamp that is not finite.
-            StoreUnavailable: when Redis fails; some users' events may then have been stored.
+            StoreUnavailable: when Redis fails or the wait falls short; some users' events
+                may then have been stored.
         """
         if not events:
             return AppendResult(accepted=0, duplicates=0, applied=[])
+        if self._ack_plan is None:
+            try:
+                if await self.check_durability() is None:
+                    raise StoreUnavailable("redis unavailable: it did not answer the first call")
+            except ConfigError as exc:  # Redis was down at start; now it answers, but cannot keep MQSA_ACK
+                raise StoreUnavailable(str(exc)) from exc
         now = time.time()
         groups: dict[str, list[str]] = {}
         for event in events:
@@ -300,13 +391,22 @@ class HistoryStore:
             stamp = now if event.timestamp is None else float(event.timestamp)
             if not math.isfinite(stamp):
                 raise ValueError(f"timestamp is not finite in {event!r}")
-            groups.setdefault(event.user_id, []).extend((event.item_id, repr(stamp), event.event_id or ""))
-        calls = [
-            (
-                [self.items_key(user), self.events_key(user), self.stream_key_for(user)],
-                [user, self.history_cap, self.ttl_seconds, self._shard_maxlen, self.dedup_cap, *triples],
+            eid = event.event_id or ""
+            groups.setdefault(event.user_id, []).extend(
+                (event.item_id, repr(stamp), eid, eid and dedup_key(eid))
             )
-            for user, triples in groups.items()
+        now_ms = int(now * 1000)
+        head = (
+            self.history_cap,
+            self.ttl_seconds,
+            self._shard_maxlen,
+            self.dedup_cap,
+            now_ms,
+            self.dedup_window_ms,
+        )
+        calls = [
+            ([self.items_key(user), self.events_key(user), self.stream_key_for(user)], [user, *head, *rest])
+            for user, rest in groups.items()
         ]
         with redis_errors():
             results = await self._run_scripts(calls)
@@ -316,30 +416,16 @@ class HistoryStore:
         return AppendResult(accepted=accepted, duplicates=len(events) - accepted, applied=applied)
 
     async def _run_scripts(self, calls: list[tuple[list[str], list[Any]]]) -> list[list[int]]:
-        """EVALSHA each (keys, args) in one pipeline (concurrently on a cluster); load the
-        script and rerun the calls that got NOSCRIPT.
+        """EVALSHA each (keys, args) in one pipeline (concurrently on a cluster), the ack wait
+        last; load the script and rerun the calls that got NOSCRIPT.
 
         A NOSCRIPT reply means that call did nothing, so rerunning only those is safe.
         (redis-py's ``Script`` in a pipeline would send ``SCRIPT EXISTS`` first, every time.)
         """
-        sha = self._script.sha
         results: list[Any] = [None] * len(calls)
         pending = list(range(len(calls)))
         for attempt in range(2):
-            if isinstance(self.redis, aioredis.RedisCluster):
-                # Cluster pipelines refuse EVALSHA: send the calls concurrently, each to its slot's node
-                # (after the slot map is loaded: concurrent first calls would race to load it).
-                await self.redis.initialize()
-                replies = await asyncio.gather(
-                    *(self.redis.evalsha(sha, len(calls[i][0]), *calls[i][0], *calls[i][1]) for i in pending),
-                    return_exceptions=True,
-                )
-            else:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for i in pending:
-                        keys, args = calls[i]
-                        pipe.evalsha(sha, len(keys), *keys, *args)
-                    replies = await pipe.execute(raise_on_error=False)
+            replies = await self._send(calls, pending)
             missing = []
             for i, reply in zip(pending, replies, strict=True):
                 if isinstance(reply, NoScriptError) and attempt == 0:
@@ -350,9 +436,35 @@ class HistoryStore:
                     results[i] = reply
             if not missing:
                 break
-            sha = self._script.sha = await self.redis.script_load(self._script.script)
+            self._script.sha = await self.redis.script_load(self._script.script)
             pending = missing
         return results
+
+    async def _send(self, calls: list[tuple[list[str], list[Any]]], pending: list[int]) -> list[Any]:
+        """One round of script calls; the replies in ``pending``'s order (errors as values)."""
+        sha = self._script.sha
+        if isinstance(self.redis, aioredis.RedisCluster):
+            # Cluster pipelines refuse EVALSHA: send the calls concurrently, each to its slot's node
+            # (after the slot map is loaded: concurrent first calls would race to load it).
+            await self.redis.initialize()
+            return await asyncio.gather(
+                *(self.redis.evalsha(sha, len(calls[i][0]), *calls[i][0], *calls[i][1]) for i in pending),
+                return_exceptions=True,
+            )
+        wait = self._ack_plan.command if self._ack_plan else None
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for i in pending:
+                keys, args = calls[i]
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            if wait:  # on the same connection, after the writes: it waits for them
+                pipe.execute_command(*wait)
+            replies = await pipe.execute(raise_on_error=False)
+        if wait:
+            wait_reply = replies.pop()
+            if isinstance(wait_reply, Exception):
+                raise wait_reply
+            self._ack_plan.check(wait_reply, self.ack_policy)
+        return replies
 
     async def history(self, user_id: str, limit: int) -> list[str]:
         """The user's last ``limit`` item ids, oldest first; empty for an unknown user.
@@ -373,3 +485,15 @@ class HistoryStore:
                 return bool(await self.redis.ping())
         except StoreUnavailable:
             return False
+
+    async def memory(self) -> tuple[int, int] | None:
+        """Redis's (used_memory, maxmemory) in bytes (maxmemory 0: no limit); None when unreadable."""
+        try:
+            with redis_errors():
+                info = await self.redis.info("memory")
+        except StoreUnavailable:
+            return None
+        if isinstance(self.redis, aioredis.RedisCluster):  # the fullest node decides
+            nodes = [v for v in info.values() if isinstance(v, dict)] or [info]
+            info = max(nodes, key=lambda n: int(n.get("used_memory", 0)) / max(1, int(n.get("maxmemory", 0))))
+        return int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))

@@ -41,20 +41,26 @@ def trained_run(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="session")
-def bundle_dir(trained_run: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory the session's bundles live in (the service's default reload root)."""
+    return tmp_path_factory.mktemp("bundles")
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(trained_run: dict[str, Any], bundle_root: Path) -> Path:
     """The tiny trained model exported as a serving bundle (exact index)."""
     from mqsa.training.export import export_bundle
 
-    out = tmp_path_factory.mktemp("bundles") / "current"
+    out = bundle_root / "current"
     export_bundle(trained_run["dir"] / "best.pt", out)
     return out
 
 
 @pytest.fixture(scope="session")
-def second_bundle_dir(trained_run: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same model exported with an HNSW index: another model version to reload to."""
+def second_bundle_dir(trained_run: dict[str, Any], bundle_root: Path) -> Path:
+    """The same model exported with an HNSW index, beside the first: another version to reload to."""
     from mqsa.training.export import ExportConfig, export_bundle
 
-    out = tmp_path_factory.mktemp("bundles") / "next"
+    out = bundle_root / "next"
     export_bundle(trained_run["dir"] / "best.pt", out, ExportConfig(index="hnsw"))
     return out

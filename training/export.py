@@ -4,13 +4,17 @@ A bundle is a directory:
 
     encoder.onnx   input item_idx int64 (batch, seq), seq <= T, left-padded with
                    the padding index; outputs short, long float32 (batch, d):
-                   the last slot's vectors of the two branches (no blend inside)
+                   the last slot's vectors of the two branches (no blend inside);
+                   metadata mqsa.max_len, mqsa.hidden_size, mqsa.num_items, mqsa.padding_idx
     items.faiss    inner-product index over the real items' embeddings, row = item_idx
     items.json     {"format": 1, "item_ids": [...]}: item_idx -> external item_id
     popular.json   {"item_ids": [...], "counts": [...]}: training popularity, most first
     manifest.json  format and model version, creation time, hyperparameters, T, d,
                    alpha, padding index, item count, metrics, index parameters and
-                   the sha256 and size of every other file
+                   the sha256 and size of every other file; the model version is the
+                   first 16 hex digits of the manifest's own digest (its canonical JSON
+                   without model_version and signature), so an edit shows; with an HMAC
+                   key, ``signature`` is the HMAC-SHA256 of the rest (format 2)
 
 It is written to a temporary sibling directory and renamed into place, so a
 service watching the parent never sees a half-written bundle.
@@ -20,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import io
+import json
 import logging
 import os
 import shutil
@@ -41,7 +47,7 @@ from mqsa.training.artifacts import file_sha256, write_json_atomic
 from mqsa.training.checkpoint import Checkpoint
 from mqsa.training.vocabulary import Vocabulary
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2
 ONNX_OPSET = 18
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 BUNDLE_FILES = ("encoder.onnx", "items.faiss", "items.json", "popular.json")  # the manifest lists these
@@ -126,6 +132,11 @@ def export_onnx(model: MQSA, path: Path, opset: int = ONNX_OPSET) -> None:
             external_data=False,
             verbose=False,
         )
+    graph = onnx.load(str(path))
+    facts = {"max_len": cfg.max_len, "hidden_size": cfg.hidden_size, "num_items": cfg.num_items}
+    facts["padding_idx"] = cfg.padding_idx
+    onnx.helper.set_model_props(graph, {f"mqsa.{k}": str(v) for k, v in facts.items()})
+    onnx.save(graph, str(path))
     onnx.checker.check_model(str(path), full_check=True)
 
 
@@ -158,10 +169,30 @@ def build_index(embeddings: np.ndarray, kind: str, params: dict[str, int]) -> An
     return index
 
 
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON, ``model_version`` and ``signature`` left out."""
+    body = {k: v for k, v in manifest.items() if k not in ("model_version", "signature")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def manifest_signature(manifest: dict[str, Any], key: str) -> str:
+    """HMAC-SHA256 (hex) of the canonical JSON of everything but the signature."""
+    body = {k: v for k, v in manifest.items() if k != "signature"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(key.encode(), canonical, hashlib.sha256).hexdigest()
+
+
 def export_bundle(
-    checkpoint: str | Path, out_dir: str | Path, config: ExportConfig | None = None, force: bool = False
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    config: ExportConfig | None = None,
+    force: bool = False,
+    hmac_key: str | None = None,
 ) -> dict[str, Any]:
     """Write a serving bundle for a checkpoint; returns its manifest (with ``export_seconds``).
+
+    With ``hmac_key`` (``mqsa export`` takes it from ``MQSA_BUNDLE_HMAC_KEY``) the
+    manifest is signed, and a service configured with the same key loads only signed bundles.
 
     Raises:
         DataError: the checkpoint is missing, unreadable or lacks the vocabulary, or
@@ -184,6 +215,8 @@ def export_bundle(
     try:
         _write_files(model, ckpt, config, tmp)
         manifest = _manifest(model, ckpt, config, tmp)
+        if hmac_key:
+            manifest["signature"] = manifest_signature(manifest, hmac_key)
         write_json_atomic(tmp / "manifest.json", manifest, indent=1)
         _move_into_place(tmp, out_dir)
     except BaseException:
@@ -209,16 +242,14 @@ def _write_files(model: MQSA, ckpt: Checkpoint, config: ExportConfig, out: Path)
 
 
 def _manifest(model: MQSA, ckpt: Checkpoint, config: ExportConfig, out: Path) -> dict[str, Any]:
-    """The manifest of the files in ``out``; the model version is a digest of their digests."""
+    """The manifest of the files in ``out``; the model version is the digest of the rest of it."""
     cfg = model.config
     files = {
         name: {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size}
         for name in BUNDLE_FILES
     }
-    version = hashlib.sha256("".join(f["sha256"] for f in files.values()).encode()).hexdigest()[:16]
-    return {
+    manifest = {
         "format_version": BUNDLE_FORMAT,
-        "model_version": version,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "max_len": cfg.max_len,
         "hidden_size": cfg.hidden_size,
@@ -233,6 +264,7 @@ def _manifest(model: MQSA, ckpt: Checkpoint, config: ExportConfig, out: Path) ->
         "index": {"type": config.index, "metric": "inner_product", **config.index_params(cfg.num_items)},
         "files": files,
     }
+    return {"model_version": manifest_digest(manifest)[:16], **manifest}
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:

@@ -38,6 +38,8 @@ class PrepareConfig:
         user_col: the log's column of user ids.
         item_col: the log's column of item ids.
         time_col: the log's column of timestamps.
+        max_skipped_fraction: rows that cannot be used (an empty id, a bad timestamp) are
+            skipped and reported; more than this share of the file is an error.
     """
 
     k: int = 5
@@ -45,36 +47,58 @@ class PrepareConfig:
     user_col: str = "user_id"
     item_col: str = "item_id"
     time_col: str = "timestamp"
+    max_skipped_fraction: float = 0.01
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ConfigError(f"k must be at least 1, got {self.k}")
         if self.min_users < 1:
             raise ConfigError(f"min_users must be at least 1, got {self.min_users}")
+        if not 0.0 <= self.max_skipped_fraction <= 1.0:
+            raise ConfigError(f"max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}")
+
+
+@dataclass
+class Log:
+    """An interaction log as read: its usable rows, and what was skipped.
+
+    Attributes:
+        frame: columns ``user_id``, ``item_id`` (str) and ``timestamp`` (float seconds),
+            one usable row per interaction, in file order.
+        rows: the rows in the file.
+        skipped: the rows left out (an empty or blank id, a timestamp that is missing,
+            infinite or not a time).
+        sample: where and why, for the first few skipped rows (``log.csv:4: empty 'user_id'``).
+    """
+
+    frame: pd.DataFrame
+    rows: int
+    skipped: int
+    sample: list[str]
+
+
+SAMPLE_SIZE = 5
 
 
 def read_log(
-    path: str | Path, user_col: str = "user_id", item_col: str = "item_id", time_col: str = "timestamp"
-) -> pd.DataFrame:
+    path: str | Path,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    time_col: str = "timestamp",
+    max_skipped_fraction: float = 0.0,
+) -> Log:
     """Read an interaction log: CSV (``.csv``, ``.tsv``, either ``.gz``) or Parquet (``.parquet``, ``.pq``).
 
     Timestamps may be numbers (kept as they are) or ISO-8601 strings (converted to
-    seconds since the epoch; times without a zone are taken as UTC).
-
-    Args:
-        path: the log file.
-        user_col: the column of user ids.
-        item_col: the column of item ids.
-        time_col: the column of timestamps.
-
-    Returns:
-        Columns ``user_id``, ``item_id`` (str) and ``timestamp`` (numeric), one row per
-        interaction, in file order.
+    seconds since the epoch; times without a zone are taken as UTC). Rows that cannot
+    be used are skipped and counted, up to ``max_skipped_fraction`` of the file: one
+    bad row in a nightly export must not stop the retraining, but a file that is
+    mostly bad is not a log.
 
     Raises:
-        DataError: naming the file (and the CSV line or Parquet row) for a missing file,
-            an unknown extension, an unreadable or empty file, missing columns, an empty
-            id or a timestamp that is neither a number nor an ISO-8601 date.
+        DataError: naming the file (and, for bad rows, the CSV line or Parquet row of the
+            first few) for a missing file, an unknown extension, an unreadable or empty
+            file, missing columns, or more unusable rows than ``max_skipped_fraction``.
     """
     path = Path(path)
     raw, is_csv = _read_table(path)
@@ -83,23 +107,37 @@ def read_log(
         raise DataError(f"missing column(s) {missing}; the file has columns {list(raw.columns)}", path)
     if len(raw) == 0:
         raise DataError("the file has no rows", path)
-
-    def error(row: int, message: str) -> DataError:
-        if is_csv:
-            return DataError(message, path, row + 2)  # line 1 is the header
-        return DataError(f"row {row + 1}: {message}", path)
-
+    raw = raw.reset_index(drop=True)
+    reasons = pd.Series("", index=raw.index)  # the first reason each row is unusable
     ids = {}
     for col in (user_col, item_col):
-        values = raw[col]
-        empty = (values.isna() | values.astype(str).str.strip().eq("")).to_numpy()
-        if empty.any():
-            raise error(int(np.argmax(empty)), f"empty {col!r}")
-        ids[col] = values.astype(str).reset_index(drop=True)
-    times, bad, message = _seconds(raw[time_col].reset_index(drop=True))
-    if bad is not None:
-        raise error(bad, message)
-    return pd.DataFrame({"user_id": ids[user_col], "item_id": ids[item_col], "timestamp": times})
+        text = raw[col].astype(str)
+        _note(reasons, (raw[col].isna() | text.str.strip().eq("")).to_numpy(), f"empty {col!r}")
+        ids[col] = text
+    times, bad, template = _seconds(raw[time_col])
+    shown = raw[time_col].astype(str).str.strip()
+    for row in np.flatnonzero(bad & reasons.eq("").to_numpy()):
+        reasons.iloc[row] = template.format(value=shown.iloc[row])
+    usable = reasons.eq("").to_numpy()
+    sample = [_where(path, row, is_csv) + reasons.iloc[row] for row in np.flatnonzero(~usable)[:SAMPLE_SIZE]]
+    skipped, rows = int((~usable).sum()), len(raw)
+    if skipped > max_skipped_fraction * rows:
+        raise DataError(
+            f"{skipped} of {rows} rows ({skipped / rows:.1%}) are unusable, more than the "
+            f"{max_skipped_fraction:.1%} that may be skipped; the first: " + "; ".join(sample),
+            path,
+        )
+    frame = pd.DataFrame({"user_id": ids[user_col], "item_id": ids[item_col], "timestamp": times})
+    return Log(frame=frame[usable].reset_index(drop=True), rows=rows, skipped=skipped, sample=sample)
+
+
+def _note(reasons: pd.Series, mask: np.ndarray, reason: str) -> None:
+    """Give ``reason`` to the rows in ``mask`` that have none yet."""
+    reasons[mask & reasons.eq("").to_numpy()] = reason
+
+
+def _where(path: Path, row: int, is_csv: bool) -> str:
+    return f"{path}:{row + 2}: " if is_csv else f"{path}: row {row + 1}: "  # CSV line 1 is the header
 
 
 def _read_table(path: Path) -> tuple[pd.DataFrame, bool]:
@@ -129,31 +167,39 @@ def _read_table(path: Path) -> tuple[pd.DataFrame, bool]:
         raise DataError(f"cannot read the file: {e}", path) from None
 
 
-def _seconds(col: pd.Series) -> tuple[pd.Series, int | None, str]:
-    """Timestamps to numbers; returns (values, first bad row or None, what is wrong with it)."""
+def _seconds(col: pd.Series) -> tuple[pd.Series, np.ndarray, str]:
+    """Timestamps to seconds; returns (values, mask of unusable rows, the reason, with {value}).
+
+    Numbers are kept; strings are numbers or ISO-8601 dates, as the first usable row is.
+    """
     if pd.api.types.is_datetime64_any_dtype(col):
         epoch = pd.Timestamp(0, tz="UTC") if col.dt.tz is not None else pd.Timestamp(0)
         col = (col - epoch) / pd.Timedelta(seconds=1)
     if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
-        bad = ~np.isfinite(col.to_numpy(dtype=float, na_value=np.nan))
-        return col, _first(bad), "missing or infinite timestamp"
+        values = col.to_numpy(dtype=float, na_value=np.nan)
+        return pd.Series(values), ~np.isfinite(values), "missing or infinite timestamp {value!r}"
     text = col.astype(str).str.strip()
-    numbers = pd.to_numeric(text, errors="coerce")
-    if np.isfinite(numbers.iloc[0]):  # the first row decides: numbers or dates
-        bad = ~np.isfinite(numbers.to_numpy(dtype=float))
-        return numbers, _first(bad), f"timestamp {_at(text, bad)!r} is not a number, unlike the first row's"
+    numbers = pd.to_numeric(text, errors="coerce").to_numpy(dtype=float)
     dates = pd.to_datetime(text, format="ISO8601", utc=True, errors="coerce")
-    bad = dates.isna().to_numpy()
-    seconds = (dates - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)
-    return seconds, _first(bad), f"timestamp {_at(text, bad)!r} is neither a number nor an ISO-8601 date"
+    from_dates = ((dates - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(dtype=float)
+    first_number, first_date = _first(np.isfinite(numbers)), _first(np.isfinite(from_dates))
+    if first_number is not None and (
+        first_date is None or first_number <= first_date
+    ):  # the first row decides
+        return (
+            pd.Series(numbers),
+            ~np.isfinite(numbers),
+            "timestamp {value!r} is not a number, unlike the first row's",
+        )
+    return (
+        pd.Series(from_dates),
+        ~np.isfinite(from_dates),
+        "timestamp {value!r} is neither a number nor an ISO-8601 date",
+    )
 
 
 def _first(mask: np.ndarray) -> int | None:
     return int(np.argmax(mask)) if mask.any() else None
-
-
-def _at(text: pd.Series, mask: np.ndarray) -> str:
-    return str(text.iloc[int(np.argmax(mask))]) if mask.any() else ""
 
 
 def kcore(df: pd.DataFrame, k: int = 5, user_k: int | None = None) -> pd.DataFrame:
@@ -190,7 +236,8 @@ def prepare(
     (again to a fixed point), counted as ``users_dropped_short`` in the summary.
 
     Returns:
-        A summary: ``log``, ``k``, ``raw_rows``, ``users_before``, ``items_before``,
+        A summary: ``log``, ``k``, ``raw_rows``, ``rows_skipped`` and ``skipped_sample``
+        (where and why, for the first few), ``users_before``, ``items_before``,
         ``actions_before``, ``users_after``, ``items_after``, ``actions_after``,
         ``users_dropped_short``.
 
@@ -199,7 +246,8 @@ def prepare(
     """
     config = config or PrepareConfig()
     k = config.k
-    log = read_log(log_path, config.user_col, config.item_col, config.time_col)
+    read = read_log(log_path, config.user_col, config.item_col, config.time_col, config.max_skipped_fraction)
+    log = read.frame
     kept = kcore(log, k, user_k=max(k, MIN_LENGTH))
     dropped_short = 0 if k >= MIN_LENGTH else kcore(log, k)["user_id"].nunique() - kept["user_id"].nunique()
     num_users = kept["user_id"].nunique()
@@ -216,7 +264,9 @@ def prepare(
     return {
         "log": str(log_path),
         "k": k,
-        "raw_rows": len(log),
+        "raw_rows": read.rows,
+        "rows_skipped": read.skipped,
+        "skipped_sample": read.sample,
         "users_before": log["user_id"].nunique(),
         "items_before": log["item_id"].nunique(),
         "actions_before": len(log),

@@ -203,8 +203,9 @@ def test_images_copy_every_installed_package() -> None:
 
     folders = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     copied = " ".join(" ".join(_args(stage, "COPY")) for stage in _stages().values())
-    assert set(folders.values()) == {"mqsa", "models", "training", "service"}
-    for folder in folders.values():
+    tops = {folder.split("/")[0] for folder in folders.values()}
+    assert tops == {"mqsa", "models", "training", "service"}
+    for folder in tops:
         assert re.search(rf"\b{folder}\b", copied), f"the Dockerfile never copies {folder}/"
     assert "pyproject.toml" in copied
 

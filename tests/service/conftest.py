@@ -51,8 +51,9 @@ class RedisServer:
     Data does not survive :meth:`stop`: a restarted server is empty.
     """
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, args: tuple[str, ...] = ()) -> None:
         self.port = port or free_port()
+        self.args = args
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.dir = tempfile.mkdtemp(prefix="redis-test-")
         self.process: subprocess.Popen | None = None
@@ -70,6 +71,7 @@ class RedisServer:
                 "--appendonly", "no",
                 "--dir", self.dir,
                 "--loglevel", "warning",
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -95,6 +97,15 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no shutdown, no save; wait until it has exited."""
+        if self.process is None:
+            return
+        process, self.process = self.process, None
+        process.send_signal(signal.SIGCONT)
+        process.kill()
+        process.wait()
 
     def pause(self) -> None:
         """Freeze it (SIGSTOP): connections open but nothing is answered, like a hung server."""
@@ -154,15 +165,16 @@ def key_prefix(run_prefix: str) -> str:
 
 
 @pytest.fixture
-def redis_server_factory() -> Iterator[Callable[[], RedisServer]]:
-    """Call it to start a private redis-server (``.url``, ``.stop()``, ``.start()``, ``.pause()``,
-    ``.resume()``); all are stopped and removed when the test ends."""
+def redis_server_factory() -> Iterator[Callable[..., RedisServer]]:
+    """Call it to start a private redis-server (``.url``, ``.stop()``, ``.kill()``, ``.start()``,
+    ``.pause()``, ``.resume()``), with extra ``redis-server`` arguments if given; all are stopped
+    and removed when the test ends."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
     servers: list[RedisServer] = []
 
-    def start() -> RedisServer:
-        server = RedisServer()
+    def start(*args: str) -> RedisServer:
+        server = RedisServer(args=args)
         servers.append(server)
         return server.start()
 

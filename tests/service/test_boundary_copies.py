@@ -1,4 +1,5 @@
-"""The service never imports the trainer, so a few small pieces exist twice, on purpose:
+"""The service never imports the trainer, so a few small pieces exist twice, on purpose (the
+bundle format's reading side mirrors its writing side):
 each copy is marked in its docstring, and here each pair is checked to agree."""
 
 from __future__ import annotations
@@ -44,3 +45,26 @@ def test_sha256_agrees_with_the_exporters(tmp_path) -> None:
 
 def test_bundle_files_agree_with_the_exporters() -> None:
     assert bundle.BUNDLE_FILES == export.BUNDLE_FILES
+
+
+def test_the_format_and_the_manifest_keys_agree_with_the_exporters(bundle_dir) -> None:
+    import json
+
+    assert export.BUNDLE_FORMAT in bundle.SUPPORTED_FORMATS
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    assert set(bundle.MANIFEST_KEYS) <= set(manifest)
+    session = bundle.load_bundle(bundle_dir).encoder.get_modelmeta().custom_metadata_map
+    assert {f"mqsa.{name}" for name in bundle.ENCODER_METADATA} <= set(session)
+
+
+def test_the_manifest_digest_and_signature_agree_with_the_exporters(bundle_dir) -> None:
+    import json
+
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    assert bundle.manifest_digest(manifest) == export.manifest_digest(manifest)
+    edited = {**manifest, "alpha": 0.25, "signature": "x"}
+    assert (
+        bundle.manifest_digest(edited) == export.manifest_digest(edited) != export.manifest_digest(manifest)
+    )
+    for key in ("k", "another key"):
+        assert bundle.manifest_signature(edited, key) == export.manifest_signature(edited, key)

@@ -108,7 +108,7 @@ def test_store_on_a_cluster(cluster_url, tmp_path) -> None:
     assert (again.accepted, again.duplicates) == (0, 50)
     assert histories["user0"] == [f"i{n}" for n in range(0, 200, 40)]
     assert histories["user39"] == [f"i{n}" for n in range(39, 200, 40)]
-    assert rows == 200 and len(read_log(tmp_path / "log.csv")) == 200
+    assert rows == 200 and len(read_log(tmp_path / "log.csv").frame) == 200
 
 
 def test_service_on_a_cluster(cluster_url, bundle_dir) -> None:

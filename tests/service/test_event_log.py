@@ -64,7 +64,7 @@ def test_export_writes_a_log_the_raw_reader_accepts(redis_url, key_prefix, tmp_p
     assert rows[0] == ["user_id", "item_id", "timestamp", "event_id"]
     assert [(u, i, float(t), e) for u, i, t, e in rows[1:]] == EXPECTED
 
-    log = read_log(out)
+    log = read_log(out).frame
     assert list(log["user_id"]) == [r[0] for r in EXPECTED]
     assert list(log["item_id"]) == [r[1] for r in EXPECTED]
     assert list(log["timestamp"]) == [r[2] for r in EXPECTED]
@@ -84,7 +84,7 @@ def test_export_from_a_start_id_and_the_sync_wrapper(redis_url, key_prefix, tmp_
     entry_ids = asyncio.run(ids())
     out = tmp_path / "tail.csv"
     assert export_events_sync(redis_url, stream_key, out, start=entry_ids[2], count=1) == 2
-    assert list(read_log(out)["user_id"]) == ["bob", "carol"]
+    assert list(read_log(out).frame["user_id"]) == ["bob", "carol"]
 
 
 def test_export_of_a_missing_stream_writes_the_header_only(redis_url, key_prefix, tmp_path):
@@ -119,6 +119,6 @@ def test_export_reads_every_bucket_stream(redis_url, key_prefix, tmp_path):
     assert used > 1
     out = tmp_path / "all.csv"
     assert export_events_sync(redis_url, keys, out) == 40
-    log = read_log(out)
+    log = read_log(out).frame
     for user, rows in log.groupby("user_id", sort=False):
         assert list(rows["item_id"]) == [f"i{n}" for n in range(40) if f"u{n % 7}" == user]

@@ -73,14 +73,14 @@ def test_history_is_trimmed_to_the_cap(redis_url, key_prefix):
     assert length == 5
 
 
-def test_both_user_keys_get_the_ttl(redis_url, key_prefix):
+def test_the_history_keeps_its_ttl_and_the_event_ids_their_window(redis_url, key_prefix):
     async def body(store, client):
         await store.append([Event("u", "a", event_id="e1")])
         return await client.ttl(store.items_key("u")), await client.ttl(store.events_key("u"))
 
-    items_ttl, events_ttl = with_store(redis_url, key_prefix, body, ttl_seconds=100)
-    assert 0 < items_ttl <= 100
-    assert 0 < events_ttl <= 100
+    items_ttl, events_ttl = with_store(redis_url, key_prefix, body, ttl_seconds=100, dedup_window_seconds=30)
+    assert 90 < items_ttl <= 100
+    assert 20 < events_ttl <= 30  # the ids are kept a window, not as long as the history
 
 
 def test_a_users_keys_and_its_stream_share_one_slot(redis_url, key_prefix):
@@ -158,6 +158,71 @@ def test_event_ids_are_remembered_up_to_the_dedup_cap(redis_url, key_prefix):
     assert size == 3
     assert newest == AppendResult(accepted=0, duplicates=1)
     assert oldest == AppendResult(accepted=1, duplicates=0)
+
+
+def test_event_ids_are_forgotten_after_the_window(redis_url, key_prefix):
+    """A resend within the window is a duplicate; after it, a new event (issue 22, 9)."""
+
+    async def body(store, client):
+        first = await store.append([Event("u", "a", event_id="e1"), Event("u", "b", event_id="e2")])
+        within = await store.append([Event("u", "a", event_id="e1")])
+        await asyncio.sleep(1.2)
+        after = await store.append([Event("u", "a", event_id="e1")])
+        return first, within, after, await client.zcard(store.events_key("u"))
+
+    first, within, after, remembered = with_store(redis_url, key_prefix, body, dedup_window_seconds=1)
+    assert first.accepted == 2 and within == AppendResult(accepted=0, duplicates=1)
+    assert after == AppendResult(accepted=1, duplicates=0)
+    assert remembered == 1  # e2 left with the window; e1 is back
+
+
+def test_a_users_memory_is_bounded_by_the_dedup_cap_whatever_the_ids(redis_url, key_prefix):
+    """10,000 UUID event ids used to make a 1.4 MB set per user. Ids are kept as 16-hex digests,
+    at most dedup_cap of them: the set's size depends on the count, not on what clients send."""
+    import uuid
+
+    async def body(store, client):
+        for start in range(0, 10_000, 1000):
+            await store.append(
+                [Event("heavy", f"i{n % 50}", event_id=str(uuid.uuid4())) for n in range(start, start + 1000)]
+            )
+        members = await client.zrange(store.events_key("heavy"), 0, -1)
+        usage = await client.memory_usage(store.events_key("heavy"))
+        history = await client.memory_usage(store.items_key("heavy"))
+        return members, usage, history
+
+    members, usage, history = with_store(redis_url, key_prefix, body, history_cap=200)  # dedup_cap 128
+    assert len(members) == 128 and {len(m) for m in members} == {16}
+    assert usage < 5_000, usage  # was about 1,400,000 for these ids
+    assert history < 5_000, history
+
+
+def test_a_bug_is_not_reported_as_redis_being_down(redis_url, key_prefix):
+    """WRONGTYPE is not Redis's state but a bug: it keeps its own error (a 500), not a 503."""
+    from redis.exceptions import ResponseError
+
+    async def body(store, client):
+        await client.set(store.items_key("u"), "not a list")
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await store.history("u", 10)
+        return True
+
+    assert with_store(redis_url, key_prefix, body)
+
+
+def test_a_full_redis_is_unavailable_not_a_bug(key_prefix, redis_server_factory):
+    """Under maxmemory with noeviction, Redis refuses writes: that is a 503 with Retry-After."""
+    server = redis_server_factory("--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
+
+    async def body(store, client):
+        await client.config_set("maxmemory", "0")
+        await client.set("filler", "x" * 3_000_000)
+        await client.config_set("maxmemory", "2mb")  # now over the limit
+        with pytest.raises(StoreUnavailable, match="OutOfMemoryError"):
+            await store.append([Event("u", "a")])
+        return True
+
+    assert with_store(server.url, key_prefix, body)
 
 
 def test_concurrent_appends_lose_nothing_and_keep_each_requests_order(redis_url, key_prefix):
@@ -293,3 +358,32 @@ def test_applied_flags_follow_request_order_across_users(redis_url, key_prefix):
     result = with_store(redis_url, key_prefix, body)
     assert result.applied == [True, False, True, False]
     assert (result.accepted, result.duplicates) == (2, 2)
+
+
+def test_a_redis_restart_costs_no_request(key_prefix, redis_server_factory):
+    """60 pooled connections, then Redis is killed (-9) and restarted on its port: every pooled
+    connection is dead. Each call finds that out and retries once on a fresh connection, so the
+    next 60 concurrent appends all succeed (before: 59 of 60 answered 503; issue 22, 6)."""
+    server = redis_server_factory()
+
+    async def main() -> tuple[int, list[Any]]:
+        client = connect(server.url, timeout_seconds=TIMEOUT, health_check_seconds=30)
+        store = HistoryStore(client, prefix=key_prefix)
+        try:
+            await asyncio.gather(*(store.append(events(f"u{n}", ["a"])) for n in range(60)))
+            pool = client.connection_pool
+            pooled = len(pool._available_connections) + len(pool._in_use_connections)
+            server.kill()
+            server.start()
+            outcomes = await asyncio.gather(
+                *(store.append(events(f"u{n}", ["b"])) for n in range(60)), return_exceptions=True
+            )
+            return pooled, outcomes
+        finally:
+            await client.aclose()
+
+    pooled, outcomes = asyncio.run(main())
+    assert pooled >= 30  # the burst really filled the pool with connections that then died
+    failures = [o for o in outcomes if isinstance(o, Exception)]
+    assert failures == [], failures[:3]
+    assert all(o.accepted == 1 for o in outcomes)

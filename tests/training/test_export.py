@@ -13,7 +13,7 @@ from mqsa.service.metrics import Metrics
 from mqsa.service.recommender import recommend
 from mqsa.training.checkpoint import Checkpoint
 from mqsa.training.evaluation import make_test_set, model_scorer, target_ranks
-from mqsa.training.export import ExportConfig, export_bundle
+from mqsa.training.export import ExportConfig, export_bundle, manifest_digest
 from mqsa.training.sequences import read_sequences, split_leave_one_out
 
 
@@ -45,14 +45,17 @@ def users(trained_run, model):
 
 def test_manifest_describes_the_bundle(bundle_dir, trained_run, model) -> None:
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["num_items"] == model.config.num_items == 200
     assert manifest["padding_idx"] == 200 and manifest["max_len"] == 20 and manifest["hidden_size"] == 32
     assert manifest["alpha"] == 0.5
     assert manifest["index"] == {"type": "flat", "metric": "inner_product"}
     assert manifest["metrics"]["test"] == trained_run["metrics"]["test"]
     assert set(manifest["files"]) == {"encoder.onnx", "items.faiss", "items.json", "popular.json"}
-    assert len(manifest["model_version"]) == 16
+    assert len(manifest["model_version"]) == 16 and manifest_digest(manifest).startswith(
+        manifest["model_version"]
+    )
+    assert "signature" not in manifest  # no key given
     popular = json.loads((bundle_dir / "popular.json").read_text())
     assert popular["counts"] == sorted(popular["counts"], reverse=True) and popular["counts"][0] > 0
     assert not list(bundle_dir.parent.glob(".*tmp*"))  # nothing half-written left behind

@@ -99,6 +99,8 @@ def test_prepare_formats_and_cascade(tmp_path, name: str) -> None:
         "log": str(path),
         "k": 3,
         "raw_rows": 15,
+        "rows_skipped": 0,
+        "skipped_sample": [],
         "users_before": 5,
         "items_before": 4,
         "actions_before": 15,
@@ -123,11 +125,11 @@ def test_read_log_iso_and_numeric_timestamps(tmp_path) -> None:
         tmp_path / "log.csv",
         "user_id,item_id,timestamp\nu,1,2023-01-01T00:00:00Z\nu,2,2023-01-01T01:00:00+01:00\nu,3,2023-01-02\n",
     )
-    log = read_log(path)
+    log = read_log(path).frame
     assert log["timestamp"].tolist() == [1672531200.0, 1672531200.0, 1672617600.0]
     assert log["item_id"].tolist() == ["1", "2", "3"]
     path = write_csv(tmp_path / "n.csv", "user_id,item_id,timestamp\n007,a,5\n007,b,1.5e3\n")
-    log = read_log(path)
+    log = read_log(path).frame
     assert log["user_id"].tolist() == ["007", "007"]  # ids stay strings
     assert log["timestamp"].tolist() == [5, 1500]
 
@@ -137,7 +139,7 @@ def test_read_log_parquet_datetime_column(tmp_path) -> None:
     pd.DataFrame({"user_id": [1, 1], "item_id": [7, 8], "timestamp": times}).to_parquet(
         tmp_path / "l.parquet"
     )
-    log = read_log(tmp_path / "l.parquet")
+    log = read_log(tmp_path / "l.parquet").frame
     assert log["user_id"].tolist() == ["1", "1"]
     assert log["timestamp"].tolist() == [1672531200.0, 1672617600.0]
 
@@ -188,6 +190,26 @@ def test_read_log_parquet_bad_row(tmp_path) -> None:
     log.to_parquet(tmp_path / "log.parquet")
     with pytest.raises(DataError, match=r"row 2: missing or infinite timestamp"):
         read_log(tmp_path / "log.parquet")
+
+
+def test_a_few_unusable_rows_are_skipped_counted_and_shown(tmp_path) -> None:
+    """One bad event (a blank user id the service used to accept) must not stop the nightly
+    retraining: it is skipped, counted and shown, up to the limit (issue 22, 5)."""
+    rows = [f"u{u},i{(u + t) % 7},{t}" for u in range(20) for t in range(6)]  # 120 good rows
+    rows[3] = " ,i1,3"
+    rows[50] = "u8,i1,yesterday"
+    path = write_csv(tmp_path / "log.csv", HEADER + "\n".join(rows) + "\n")
+    summary = prepare(path, tmp_path / "out", PrepareConfig(k=1, max_skipped_fraction=0.05))
+    assert summary["raw_rows"] == 120 and summary["rows_skipped"] == 2
+    assert summary["skipped_sample"] == [
+        f"{path}:5: empty 'user_id'",
+        f"{path}:52: timestamp 'yesterday' is not a number, unlike the first row's",
+    ]
+    assert summary["actions_after"] == 118
+    with pytest.raises(
+        DataError, match=r"2 of 120 rows \(1\.7%\) are unusable, more than the 1\.0% .*:5: empty 'user_id'"
+    ):
+        prepare(path, tmp_path / "strict", PrepareConfig(k=1))  # the default limit, 1%
 
 
 def test_prepare_too_few_users(tmp_path) -> None:

@@ -1,0 +1,60 @@
+"""GET /healthz and /readyz (always open) and /metrics (scope: admin unless MQSA_PUBLIC_METRICS)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+
+from mqsa.service.deps import MetricsDep, RegistryDep, StoreDep, requires
+from mqsa.service.keys import Scope
+from mqsa.service.routes import KEY_ERRORS, errors
+from mqsa.service.schemas import HealthOut, ReadyOut, RedisMemory
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=HealthOut, summary="The process is alive")
+async def healthz() -> HealthOut:
+    return HealthOut(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=ReadyOut,
+    responses={503: {"model": ReadyOut, "description": "not ready: the bundle or Redis is missing"}},
+    summary="A bundle is loaded and Redis answers",
+)
+async def readyz(registry: RegistryDep, store: StoreDep, metrics: MetricsDep) -> JSONResponse:
+    """Ready when the bundle is loaded and Redis answers. Redis's memory use is reported (and
+    exported as a metric) but does not decide: when Redis is full, /events fails but
+    /recommend still answers, so taking every replica out of rotation would be worse."""
+    checks = {"bundle": registry.loaded, "redis": await store.ping()}
+    ready = all(checks.values())
+    memory = await store.memory() if checks["redis"] else None
+    redis_memory = None
+    if memory is not None:
+        used, limit = memory
+        ratio = used / limit if limit else 0.0
+        metrics.redis_memory.set(ratio)
+        redis_memory = RedisMemory(used_bytes=used, max_bytes=limit, used_ratio=ratio)
+    body = ReadyOut(
+        status="ready" if ready else "not_ready",
+        checks=checks,
+        model_version=registry.bundle.model_version if registry.loaded else None,
+        redis_memory=redis_memory,
+    )
+    return JSONResponse(status_code=200 if ready else 503, content=body.model_dump())
+
+
+@router.get(
+    "/metrics",
+    dependencies=[Depends(requires(Scope.ADMIN, open_when="public_metrics"))],
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"},
+        **errors(*KEY_ERRORS),
+    },
+    response_class=Response,
+    summary="Prometheus metrics",
+)
+async def metrics_endpoint(metrics: MetricsDep) -> Response:
+    return Response(content=metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
