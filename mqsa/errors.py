@@ -20,8 +20,8 @@ not the user's mistake: the CLI lets it keep its traceback and exit 1.
 Foreign errors are translated where the foreign call is made, with
 ``raise ... from exc`` (pydantic in ``service/settings.py``, Redis in
 ``service/store.py``, onnxruntime and FAISS in ``service/bundle.py``, torch's
-loader in ``training/checkpoint.py``). This module imports nothing, so every part
-of the project (the model, the trainer, the service) can share it.
+loader in ``training/checkpoint.py``). This module imports nothing of the project's
+(only ``pathlib``), so every part (the model, the trainer, the service) can share it.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from mqsa.errors import DataError
 from mqsa.service.store import connect, redis_errors
 
 COLUMNS = ("user_id", "item_id", "timestamp", "event_id")
@@ -58,6 +59,7 @@ async def export_events(
 
     Raises:
         ValueError: when ``count`` is below 1.
+        DataError: ``out_path`` cannot be written (no such folder, no permission).
         StoreUnavailable: when Redis fails.
     """
     if count < 1:
@@ -66,25 +68,36 @@ async def export_events(
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     rows = 0
     try:
-        with tmp.open("w", newline="", encoding="utf-8") as f:
+        f = tmp.open("w", newline="", encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"cannot write here: {exc.strerror or exc}", out_path) from exc
+    try:
+        with f:
             writer = csv.writer(f)
             writer.writerow(COLUMNS)
             for key in [stream_key] if isinstance(stream_key, str) else stream_key:
-                low = start
-                while True:
-                    with redis_errors():
-                        entries = await redis.xrange(key, min=low, max=end, count=count)
-                    for _, fields in entries:
-                        fields = {_text(k): _text(v) for k, v in fields.items()}
-                        writer.writerow([fields.get(column, "") for column in COLUMNS])
-                    rows += len(entries)
-                    if len(entries) < count:
-                        break
-                    low = f"({_text(entries[-1][0])}"  # exclusive: after the last entry read
+                rows += await _write_stream(redis, key, writer, start, end, count)
         tmp.replace(out_path)
     finally:
         tmp.unlink(missing_ok=True)
     return rows
+
+
+async def _write_stream(
+    redis: aioredis.Redis, key: str, writer: Any, start: str, end: str, count: int
+) -> int:
+    """Page through one stream with XRANGE, ``count`` entries a call; returns the rows written."""
+    rows, low = 0, start
+    while True:
+        with redis_errors():
+            entries = await redis.xrange(key, min=low, max=end, count=count)
+        for _, fields in entries:
+            fields = {_text(k): _text(v) for k, v in fields.items()}
+            writer.writerow([fields.get(column, "") for column in COLUMNS])
+        rows += len(entries)
+        if len(entries) < count:
+            return rows
+        low = f"({_text(entries[-1][0])}"  # exclusive: after the last entry read
 
 
 def export_events_sync(

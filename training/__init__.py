@@ -1,1 +1,1 @@
-"""Offline half: data preparation, training, evaluation (and later export)."""
+"""The offline half: data preparation, training, evaluation and export to a serving bundle."""

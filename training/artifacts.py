@@ -11,8 +11,21 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from mqsa.errors import DataError
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn a failure to write ``path`` (no such folder, no permission, a full disk) into a DataError."""
+    try:
+        yield
+    except OSError as exc:
+        raise DataError(f"cannot write here: {exc.strerror or exc}", path) from exc
 
 
 def file_sha256(path: str | Path) -> str:
@@ -27,16 +40,17 @@ def file_sha256(path: str | Path) -> str:
 def write_json_atomic(path: str | Path, payload: Any, indent: int | None = None) -> None:
     """Write JSON (UTF-8, a newline at the end) to a file beside ``path``, then move it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, ensure_ascii=False, indent=indent)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(payload, f, ensure_ascii=False, indent=indent)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def save_torch_atomic(payload: Any, path: str | Path) -> None:
@@ -45,5 +59,6 @@ def save_torch_atomic(payload: Any, path: str | Path) -> None:
 
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    torch.save(payload, partial)
-    os.replace(partial, path)
+    with writing(path):
+        torch.save(payload, partial)
+        os.replace(partial, path)

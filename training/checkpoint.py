@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mqsa.errors import DataError
+from mqsa.errors import ConfigError, DataError
 from mqsa.models.mqsa import MQSA, MQSAConfig
 from mqsa.training.artifacts import save_torch_atomic
 
@@ -61,6 +61,7 @@ class Checkpoint:
         item_ids: item_idx -> external id; None in a checkpoint that lacks it.
         item_counts: training popularity per item_idx.
         data: the sequence file's path, sha256 and user count.
+        path: the file it was loaded from (None for one made in memory), for error messages.
     """
 
     model_config: dict[str, Any]
@@ -70,6 +71,7 @@ class Checkpoint:
     item_ids: list[str] | None = None
     item_counts: list[int] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = field(default=None, compare=False)  # where it was loaded from, for errors
 
     def to_dict(self) -> dict[str, Any]:
         """The on-disk form (see the module docstring), tensors moved to the CPU."""
@@ -114,10 +116,18 @@ class Checkpoint:
             item_ids=raw.get("item_ids"),
             item_counts=raw.get("item_counts") or [],
             data=raw.get("data") or {},
+            path=path,
         )
 
     def build_model(self) -> MQSA:
-        """The network with these weights, in eval mode, on the CPU."""
-        model = MQSA(MQSAConfig.from_dict(self.model_config))
-        model.load_state_dict(self.state_dict)
+        """The network with these weights, in eval mode, on the CPU.
+
+        Raises:
+            DataError: the config or the weights do not make an MQSA network (naming the file).
+        """
+        try:
+            model = MQSA(MQSAConfig.from_dict(self.model_config))
+            model.load_state_dict(self.state_dict)
+        except (ConfigError, TypeError, RuntimeError) as exc:  # a bad config; weights of other shapes
+            raise DataError(f"the checkpoint does not make an MQSA network: {exc}", self.path) from exc
         return model.eval()

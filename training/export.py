@@ -43,7 +43,7 @@ import torch
 
 from mqsa.errors import ConfigError, DataError
 from mqsa.models.mqsa import MQSA
-from mqsa.training.artifacts import file_sha256, write_json_atomic
+from mqsa.training.artifacts import file_sha256, write_json_atomic, writing
 from mqsa.training.checkpoint import Checkpoint
 from mqsa.training.vocabulary import Vocabulary
 
@@ -209,12 +209,13 @@ def export_bundle(
     num_items = model.config.num_items
     if ckpt.item_ids is None or len(ckpt.item_ids) != num_items or len(ckpt.item_counts) != num_items:
         raise DataError("the checkpoint has no item vocabulary or counts of the right size", checkpoint)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    with writing(out_dir):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
     try:
-        _write_files(model, ckpt, config, tmp)
-        manifest = _manifest(model, ckpt, config, tmp)
+        params = _write_files(model, ckpt, config, tmp)
+        manifest = _manifest(model, ckpt, {"type": config.index, "metric": "inner_product", **params}, tmp)
         if hmac_key:
             manifest["signature"] = manifest_signature(manifest, hmac_key)
         write_json_atomic(tmp / "manifest.json", manifest, indent=1)
@@ -225,8 +226,8 @@ def export_bundle(
     return {**manifest, "export_seconds": time.perf_counter() - started}
 
 
-def _write_files(model: MQSA, ckpt: Checkpoint, config: ExportConfig, out: Path) -> None:
-    """The encoder, the index, the vocabulary and the popular items, into ``out``."""
+def _write_files(model: MQSA, ckpt: Checkpoint, config: ExportConfig, out: Path) -> dict[str, int]:
+    """The encoder, the index, the vocabulary and the popular items into ``out``; returns the index params."""
     import faiss
 
     export_onnx(model, out / "encoder.onnx")
@@ -239,9 +240,10 @@ def _write_files(model: MQSA, ckpt: Checkpoint, config: ExportConfig, out: Path)
     order = order[counts[order] > 0][: config.popular_top]
     popular = {"item_ids": [ckpt.item_ids[i] for i in order], "counts": counts[order].tolist()}
     write_json_atomic(out / "popular.json", popular, indent=1)
+    return params
 
 
-def _manifest(model: MQSA, ckpt: Checkpoint, config: ExportConfig, out: Path) -> dict[str, Any]:
+def _manifest(model: MQSA, ckpt: Checkpoint, index: dict[str, Any], out: Path) -> dict[str, Any]:
     """The manifest of the files in ``out``; the model version is the digest of the rest of it."""
     cfg = model.config
     files = {
@@ -261,7 +263,7 @@ def _manifest(model: MQSA, ckpt: Checkpoint, config: ExportConfig, out: Path) ->
         "metrics": {"epoch": ckpt.best.epoch, "valid": ckpt.best.valid, "test": ckpt.best.test},
         "data": ckpt.data,
         "encoder": {"opset": ONNX_OPSET, "input": "item_idx", "outputs": ["short", "long"]},
-        "index": {"type": config.index, "metric": "inner_product", **config.index_params(cfg.num_items)},
+        "index": index,
         "files": files,
     }
     return {"model_version": manifest_digest(manifest)[:16], **manifest}

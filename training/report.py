@@ -10,7 +10,10 @@ from typing import Any
 
 from tqdm import tqdm
 
+from mqsa.training.checkpoint import SELECT_METRIC
+
 METRIC_COLUMNS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20")
+SELECTED = f"valid_{SELECT_METRIC}"  # the history column the epoch is chosen by
 
 
 def progress_bar(items: Iterable, desc: str, enabled: bool) -> tqdm:
@@ -26,8 +29,8 @@ def epoch_line(row: dict[str, float], is_best: bool, enabled: bool) -> None:
         f"epoch {row['epoch']:>4}  loss {row['loss']:.4f}  rec {row['rec']:.4f}  "
         f"kd {row['kd']:.4f}  {row['seconds']:.1f}s"
     )
-    if "valid_NDCG@20" in row:
-        line += f"  valid NDCG@20 {row['valid_NDCG@20']:.4f}" + ("  *best" if is_best else "")
+    if SELECTED in row:
+        line += f"  valid {SELECT_METRIC} {row[SELECTED]:.4f}" + ("  *best" if is_best else "")
     print(line, flush=True)
 
 
@@ -55,9 +58,9 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
         left.plot(epochs, [r[key] for r in history], label=key)
     left.set(xlabel="epoch", ylabel="training loss", title="Losses")
     left.legend()
-    evaluated = [r for r in history if "valid_NDCG@20" in r]
-    right.plot([r["epoch"] for r in evaluated], [r["valid_NDCG@20"] for r in evaluated], marker=".")
-    right.set(xlabel="epoch", ylabel="NDCG@20", title="Validation NDCG@20")
+    evaluated = [r for r in history if SELECTED in r]
+    right.plot([r["epoch"] for r in evaluated], [r[SELECTED] for r in evaluated], marker=".")
+    right.set(xlabel="epoch", ylabel=SELECT_METRIC, title=f"Validation {SELECT_METRIC}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

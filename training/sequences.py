@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mqsa.errors import DataError
+from mqsa.training.artifacts import writing
 
 MIN_LENGTH = 3  # one training item, one validation target, one test target
 
@@ -106,11 +107,12 @@ def _is_int(token: str) -> bool:
 def write_sequences(path: str | Path, sequences: list[np.ndarray], user_ids: list[str] | None = None) -> None:
     """Write sequences in the text format; users are numbered from 0 unless ids are given."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for u, seq in enumerate(sequences):
-            user = user_ids[u] if user_ids is not None else str(u)
-            f.write(user + " " + " ".join(map(str, seq.tolist())) + "\n")
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as f:
+            for u, seq in enumerate(sequences):
+                user = user_ids[u] if user_ids is not None else str(u)
+                f.write(user + " " + " ".join(map(str, seq.tolist())) + "\n")
 
 
 @dataclass

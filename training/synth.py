@@ -1,18 +1,19 @@
 """Seeded synthetic sequences whose structure needs what MQSA-TED brings.
 
-The catalogue is covered by *bundles*: sets of ``bundle_size`` items bought
-together, each item in about ``bundles * bundle_size / items`` of them (2.5 by
-default). Every bundle belongs to one of ``tastes`` taste groups, and every user
-to one taste. A user's sequence is a run of bundles drawn from their taste
-(Zipf-weighted, so each taste has popular bundles), each bundle's items in a
-random order; with probability ``noise`` an item is replaced by a uniformly
-random one.
+The catalogue is covered by *bundles*: sets of ``bundle_size`` distinct items
+bought together. Every item is in at least one bundle (when ``bundles *
+bundle_size >= items``), and on average in ``bundles * bundle_size / items`` of
+them (2.5 by default: 208 bundles of 6 among 500 items). Every bundle belongs to
+one of ``tastes`` taste groups, and every user to one taste. A user's sequence is
+a run of bundles drawn from their taste (Zipf-weighted, so each taste has popular
+bundles), each bundle's items in a random order; with probability ``noise`` an
+item is replaced by a uniformly random one.
 
 What each recommender can see:
 
 * Popularity: the overall most popular items. Weak: tastes differ.
 * Item Transition (the last item only): the item after x is any bundle-mate of x
-  in any of x's bundles, in any order: about ten candidates it cannot tell apart.
+  in any of x's bundles, in any order: a dozen candidates it cannot tell apart.
 * A sequential model: the last two or three items together (MQSA's long query is
   their mean) usually pin one bundle down, whose unseen items come next; and the
   user's earlier bundles tell their taste, which ranks the bundle that comes next.
@@ -29,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from mqsa.errors import ConfigError
+from mqsa.training.artifacts import write_json_atomic, writing
 from mqsa.training.sequences import write_sequences
 from mqsa.training.vocabulary import Vocabulary
 
@@ -54,9 +56,9 @@ class SynthConfig:
 
     users: int = 2000
     items: int = 500
-    tastes: int = 10
-    bundles: int = 250
-    bundle_size: int = 5
+    tastes: int = 25
+    bundles: int = 208
+    bundle_size: int = 6
     mean_length: float = 12.0
     noise: float = 0.05
     seed: int = 0
@@ -96,9 +98,16 @@ def plant(config: SynthConfig) -> Plan:
 
 
 def _plant(rng: np.random.Generator, config: SynthConfig) -> Plan:
-    members = np.stack(
-        [rng.choice(config.items, config.bundle_size, replace=False) for _ in range(config.bundles)]
-    )
+    slots = config.bundles * config.bundle_size
+    rounds = -(-slots // config.items)  # every item once before any item twice: the bundles cover all
+    order = np.concatenate([rng.permutation(config.items) for _ in range(rounds)])[:slots]
+    members = order.reshape(config.bundles, config.bundle_size)
+    for row in members:  # a bundle that straddles two rounds may hold an item twice: swap the copy
+        seen: set[int] = set()
+        for j, item in enumerate(row):
+            if int(item) in seen:
+                row[j] = rng.choice(np.setdiff1d(np.arange(config.items), row))
+            seen.add(int(row[j]))
     taste_of = rng.permutation(np.arange(config.bundles) % config.tastes)
     user_tastes = rng.integers(config.tastes, size=config.users)
     return Plan(members=members.astype(np.int64), taste_of=taste_of, user_tastes=user_tastes)
@@ -134,7 +143,8 @@ def generate(config: SynthConfig | None = None) -> list[np.ndarray]:
 def write_synthetic(out_dir: str | Path, config: SynthConfig | None = None, raw_log: bool = False) -> Path:
     """Write :func:`generate`'s output as ``sequences.txt`` (users 0..U-1) and ``items.json``.
 
-    ``items.json`` names item index i ``f"i{i}"``. With ``raw_log``, also writes
+    ``items.json`` names item index i ``f"i{i}"``; ``plan.json`` holds the planted
+    structure (each bundle's items and taste, each user's taste), to look at. With ``raw_log``, also writes
     ``interactions.csv`` (``user_id,item_id,timestamp``; ids ``"u{u}"`` and ``"i{i}"``,
     timestamps increasing row by row) that :func:`mqsa.training.prepare.prepare` reads.
 
@@ -147,6 +157,12 @@ def write_synthetic(out_dir: str | Path, config: SynthConfig | None = None, raw_
     path = out_dir / "sequences.txt"
     write_sequences(path, sequences)
     Vocabulary(f"i{i}" for i in range(config.items)).save(out_dir / "items.json")
+    plan = plant(config)
+    bundles = [
+        {"items": [f"i{i}" for i in row], "taste": int(t)}
+        for row, t in zip(plan.members, plan.taste_of, strict=True)
+    ]
+    write_json_atomic(out_dir / "plan.json", {"bundles": bundles, "user_tastes": plan.user_tastes.tolist()})
     if raw_log:
         items = np.concatenate(sequences)
         users = np.repeat(np.arange(len(sequences)), [len(s) for s in sequences])
@@ -157,5 +173,6 @@ def write_synthetic(out_dir: str | Path, config: SynthConfig | None = None, raw_
                 "timestamp": START_TIME + 60 * np.arange(len(items)),
             }
         )
-        log.to_csv(out_dir / "interactions.csv", index=False)
+        with writing(out_dir / "interactions.csv"):
+            log.to_csv(out_dir / "interactions.csv", index=False)
     return path

@@ -27,7 +27,7 @@ import torch
 from mqsa.errors import ConfigError, DataError, ResumeError
 from mqsa.models.mqsa import MQSA, MQSAConfig
 from mqsa.training import report
-from mqsa.training.artifacts import file_sha256, write_json_atomic
+from mqsa.training.artifacts import file_sha256, write_json_atomic, writing
 from mqsa.training.checkpoint import BestEpoch, Checkpoint
 from mqsa.training.distributed import World
 from mqsa.training.evaluation import (
@@ -251,7 +251,8 @@ class Trainer:
             raise ConfigError("num_items comes from the data, not the model config")
         MQSAConfig(num_items=1, **model_config)  # a bad setting fails now, before the data is read
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with writing(self.out_dir):
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)

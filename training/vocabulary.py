@@ -30,10 +30,11 @@ class Vocabulary:
             ValueError: for a repeated id.
         """
         self.item_ids: list[str] = list(item_ids)
-        first = {item_id: idx for idx, item_id in reversed(list(enumerate(self.item_ids)))}
-        if len(first) != len(self.item_ids):
-            dup = next(i for idx, i in enumerate(self.item_ids) if first[i] != idx)
-            raise ValueError(f"item id {dup!r} appears more than once")
+        seen: set[str] = set()
+        for item_id in self.item_ids:
+            if item_id in seen:
+                raise ValueError(f"item id {item_id!r} appears more than once")
+            seen.add(item_id)
 
     @classmethod
     def identity(cls, n: int) -> Vocabulary:
