@@ -129,5 +129,8 @@ class Checkpoint:
             model = MQSA(MQSAConfig.from_dict(self.model_config))
             model.load_state_dict(self.state_dict)
         except (ConfigError, TypeError, RuntimeError) as exc:  # a bad config; weights of other shapes
-            raise DataError(f"the checkpoint does not make an MQSA network: {exc}", self.path) from exc
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+            reason = " ".join(lines[:2]) + more  # torch lists every mismatched tensor: one line is enough
+            raise DataError(f"the checkpoint does not make an MQSA network: {reason}", self.path) from exc
         return model.eval()

@@ -161,3 +161,41 @@ def test_every_project_error_is_an_mqsa_error_with_exit_code_2() -> None:
         "BundleError": 503,
         "StoreUnavailable": 503,
     }
+
+
+def test_user_mistakes_about_files_are_one_line(tmp_path, trained_run) -> None:
+    """Each of these was a traceback once the CLI stopped catching every OSError and RuntimeError."""
+    import torch
+
+    redis_url = "redis://127.0.0.1:6379/0"  # never reached: the file is opened first
+    ckpt = torch.load(trained_run["dir"] / "best.pt", weights_only=False)
+    ckpt["model_config"]["hidden_size"] = 8  # the weights are 32 wide
+    torch.save(ckpt, tmp_path / "mismatched.pt")
+    cases = [
+        (("export", "--checkpoint", str(tmp_path / "mismatched.pt"), "--out", str(tmp_path / "b")),
+         "mismatched.pt: the checkpoint does not make an MQSA network"),
+        (("data", "export-events", "--out", str(tmp_path / "no" / "log.csv"), "--redis-url", redis_url),
+         "log.csv: cannot write here"),
+        (("data", "synth", "--out", str(tmp_path / "mismatched.pt" / "x")), "cannot write here"),
+    ]  # fmt: skip
+    for args, message in cases:
+        result = mqsa(*args)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mqsa: error:") and message in lines[0], lines
+
+
+def test_a_busy_port_stops_the_demo_before_it_trains(tmp_path) -> None:
+    import socket
+    import time
+
+    from mqsa.demo import DemoConfig, run_demo
+    from mqsa.errors import ConfigError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        started = time.monotonic()
+        with pytest.raises(ConfigError, match=r"port \d+ is in use"):
+            run_demo(DemoConfig(workdir=tmp_path, port=busy.getsockname()[1]), keep_running=False)
+    assert time.monotonic() - started < 5 and not (tmp_path / "run").exists()
