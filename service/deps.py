@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
 
 from mqsa.errors import Forbidden, Unauthorized
 from mqsa.service.keys import Scope, scopes_of
@@ -44,6 +44,10 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 def requires(scope: Scope, open_when: str | None = None) -> Callable[..., Awaitable[None]]:
     """A dependency that lets the request through only with a key holding ``scope``.
 
+    It reads the headers itself, with the request as its only parameter: FastAPI then
+    resolves nothing else for it on the hot path (a Header() parameter and a settings
+    dependency cost about 30 us a request).
+
     Args:
         scope: the scope the route needs.
         open_when: the name of a boolean setting that opens the route to everyone
@@ -54,14 +58,12 @@ def requires(scope: Scope, open_when: str | None = None) -> Callable[..., Awaita
         Forbidden: a valid key without ``scope`` (403).
     """
 
-    async def check(
-        settings: SettingsDep,
-        x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
-        authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
-    ) -> None:
+    async def check(request: Request) -> None:
+        settings: Settings = request.app.state.settings
         if not settings.api_keys or (open_when and getattr(settings, open_when)):
             return
-        offered = x_api_key
+        offered = request.headers.get("x-api-key")
+        authorization = request.headers.get("authorization")
         if offered is None and authorization and authorization.lower().startswith("bearer "):
             offered = authorization[7:].strip()
         if not offered:

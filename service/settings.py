@@ -22,17 +22,22 @@ from mqsa.service.keys import StoredKey, parse_entries
 class Settings(BaseSettings):
     """Everything the service reads at start.
 
+    Each is the environment variable ``MQSA_<NAME>``; the README's table is made from
+    this list (``make readme-settings``) and checked against it by a test.
+
     Attributes:
-        bundle_dir: the serving bundle written by ``mqsa export``.
-        bundle_root: ``/admin/reload`` loads only bundles under this directory
-            (default: the parent of ``bundle_dir``).
+        bundle_dir: the serving bundle written by `mqsa export` (`mqsa serve --bundle` sets it).
+        bundle_root: `/admin/reload` loads only bundles under this directory (default: the
+            parent of the bundle directory).
         bundle_hmac_key: when set, a bundle's manifest must carry a valid HMAC-SHA256
-            signature made with this key (``mqsa export --sign``).
-        environment: "development" or "production" (stricter checks).
-        redis_url: where user histories and the event stream live.
-        redis_cluster: ``redis_url`` names a node of a Redis Cluster.
-        redis_prefix: prefix of every key this service writes.
-        redis_timeout_seconds: socket timeout of every Redis call.
+            signature made with this key (`mqsa export` signs when it is set for it too).
+        environment: development or production (refuses to start without API keys).
+        redis_url: where user histories and the event stream live (a secret: it may hold a
+            password; never printed).
+        redis_cluster: the Redis URL names a node of a Redis Cluster.
+        redis_prefix: prefix of every key this service writes (no braces).
+        redis_timeout_seconds: socket timeout of every Redis call (a hung Redis never hangs
+            a request).
         redis_health_check_seconds: a pooled connection idle this long is checked
             (PING) before it is used again.
         history_cap: items kept per user (more than the model's T).
@@ -42,21 +47,21 @@ class Settings(BaseSettings):
             keeps Redis's compact encoding.
         stream_maxlen: approximate bound of the event streams together.
         stream_shards: buckets (hash-tag slots, one stream each) users are spread over.
-        ack: when ``/events`` answers: "memory" once Redis has applied the events,
-            "disk" once they are also in Redis's append-only file on disk.
+        ack: when `/events` answers: memory, once Redis has applied the events; disk, once
+            they are also in Redis's append-only file on disk (service/durability.py).
         ack_replicas: also wait until this many replicas have the events.
         ack_timeout_ms: how long to wait for the disk or the replicas before answering 503
-            (less than redis_timeout_seconds: the wait is one Redis call).
+            (below the Redis timeout: the wait is one Redis call).
         onnx_threads: onnxruntime threads per worker.
         faiss_threads: FAISS threads per worker.
-        api_keys: ``SCOPES:SHA256`` entries (see ``service/keys.py``); when set, every
-            route but /healthz and /readyz needs a key with the route's scope.
+        api_keys: comma-separated `SCOPES:SHA256` entries (`mqsa keys new`; service/keys.py);
+            when set, every route but /healthz and /readyz needs a key with its scope.
         public_docs: /docs and /openapi.json need no key even when keys are set.
         public_metrics: /metrics needs no key even when keys are set.
         max_body_bytes: larger request bodies are refused with 413.
         body_timeout_seconds: a request body not received within this is refused with 408.
         header_timeout_seconds: a connection that has not sent its request headers within
-            this is closed (``mqsa serve``).
+            this is closed (`mqsa serve`).
         watch_bundle: poll the bundle directory and reload when it changes.
         watch_interval_seconds: how often to poll.
     """

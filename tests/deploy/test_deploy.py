@@ -536,9 +536,11 @@ def test_service_hpa_pdb_and_service_target_the_pods(base: dict) -> None:
 def test_redis_statefulset(base: dict) -> None:
     (redis,) = [obj for obj in base.values() if obj["kind"] == "StatefulSet"]
     container = _the_container(redis)
-    assert container["image"] == "redis:7-alpine"
+    major, minor = map(int, container["image"].split(":")[1].split("-")[0].split(".")[:2])
+    assert (major, minor) >= (7, 2), "MQSA_ACK=disk uses WAITAOF (Redis >= 7.2)"
     argv = [*container.get("command", []), *container.get("args", [])]
     assert any(argv[i : i + 2] == ["--appendonly", "yes"] for i in range(len(argv))), argv
+    assert any(argv[i : i + 2] == ["--appendfsync", "always"] for i in range(len(argv))), argv
     (claim,) = redis["spec"]["volumeClaimTemplates"]
     data_mounts = [m for m in container["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
     assert [m["mountPath"] for m in data_mounts] == ["/data"]
@@ -662,3 +664,26 @@ def test_production_overlay() -> None:
     hpa = objects["HorizontalPodAutoscaler", SERVICE]["spec"]
     assert hpa["minReplicas"] > 2
     assert objects["PodDisruptionBudget", SERVICE]["spec"]["minAvailable"] < hpa["minReplicas"]
+
+
+def test_the_configmap_is_settings_the_service_accepts(base: dict, tmp_path) -> None:
+    """The shipped values pass the service's own validation (e.g. the ack wait below the Redis timeout)."""
+    from mqsa.service.keys import entry, new_key
+    from mqsa.service.settings import load_settings
+
+    config = base["ConfigMap", CONFIGMAP]["data"]
+    fields = {key.removeprefix("MQSA_").lower(): value for key, value in config.items()}
+    settings = load_settings(bundle_dir=tmp_path, api_keys=entry(new_key(), ["read"]), **fields)
+    assert settings.environment == "production" and settings.ack == "disk" and settings.public_docs is False
+
+
+def test_the_alert_rules_watch_metrics_the_service_exports() -> None:
+    from mqsa.service.metrics import Metrics
+
+    rules = yaml.safe_load((ROOT / "deploy" / "monitoring" / "prometheus-rules.yaml").read_text())
+    exported = Metrics().render().decode()
+    alerts = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
+    assert set(alerts) == {"MqsaRedisMemoryHigh", "MqsaEventsUnavailable"}
+    for rule in alerts.values():
+        names = set(re.findall(r"\b(mqsa_[a-z_]+)", rule["expr"]))
+        assert names and all(f"# TYPE {n.removesuffix('_count')} " in exported for n in names), names

@@ -80,3 +80,15 @@ def test_the_readme_settings_tables_match_the_config_dataclasses() -> None:
     assert readme[start + len(README_MARKERS[0]) : end].strip() == readme_settings().strip()
     for row in ("| `--hidden-size` | `64` |", "| `--lr` | `0.001` |", "| `--windows` | `3` |"):
         assert row in readme
+
+
+def test_the_readme_lists_every_service_setting_with_its_default() -> None:
+    from mqsa.cli import SERVICE_MARKERS, service_settings
+    from mqsa.service.settings import Settings
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start, end = readme.index(SERVICE_MARKERS[0]), readme.index(SERVICE_MARKERS[1])
+    assert readme[start + len(SERVICE_MARKERS[0]) : end].strip() == service_settings().strip()
+    for name in Settings.model_fields:
+        assert f"| `MQSA_{name.upper()}` |" in readme
+    assert "| `MQSA_DEDUP_CAP` | `128` |" in readme and "| `MQSA_BUNDLE_DIR` | (required) |" in readme
