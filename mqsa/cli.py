@@ -135,6 +135,28 @@ def _serve(args: argparse.Namespace) -> None:
     )
 
 
+def _catalogue_load(args: argparse.Namespace) -> None:
+    import httpx
+
+    from mqsa.catalogue_file import read_catalogue
+
+    records = read_catalogue(args.file)
+    key = os.environ.get("MQSA_API_KEY")  # a secret: never a flag
+    headers = {"X-API-Key": key} if key else {}
+    try:
+        with httpx.Client(base_url=args.url, headers=headers, timeout=30) as http:
+            for start in range(0, len(records), args.batch):
+                answer = http.put("/items", json={"items": records[start : start + args.batch]})
+                if answer.status_code != 200:
+                    where = f"items {start + 1}-{start + args.batch} of {args.file}"
+                    raise MQSAError(
+                        f"PUT /items answered {answer.status_code} for {where}: {answer.text[:500]}"
+                    )
+    except httpx.HTTPError as exc:
+        raise MQSAError(f"cannot reach {args.url}: {exc}") from exc
+    print(f"loaded {len(records)} items from {args.file} into {args.url}")
+
+
 def _keys_new(args: argparse.Namespace) -> None:
     from mqsa.service.keys import Scope, entry, new_key
 
@@ -243,6 +265,18 @@ def _add_demo(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> Non
     d.set_defaults(func=_demo)
 
 
+def _add_catalogue(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> None:
+    c = sub.add_parser(
+        "catalogue", help="the items' categories, labels and availability, in a running service"
+    )
+    c_sub = c.add_subparsers(dest="catalogue_command", required=True)
+    load = c_sub.add_parser("load", help="send a catalogue file (JSONL, CSV, Parquet) to PUT /items")
+    load.add_argument("file", type=Path, help="see mqsa/catalogue_file.py for the columns")
+    load.add_argument("--url", default="http://127.0.0.1:8000", help="the service (key in $MQSA_API_KEY)")
+    load.add_argument("--batch", type=int, default=1000, help="items per request (at most 1000)")
+    load.set_defaults(func=_catalogue_load)
+
+
 def _add_keys(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> None:
     k = sub.add_parser("keys", help="API keys for the service (MQSA_API_KEYS)")
     k_sub = k.add_subparsers(dest="keys_command", required=True)
@@ -321,7 +355,17 @@ def build_parser(argv_head: Sequence[str] | None = None) -> argparse.ArgumentPar
 
     parser = argparse.ArgumentParser(prog="mqsa", description="MQSA-TED sequential recommender.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_data, _add_train, _add_export, _add_serve, _add_demo, _add_keys, _add_evaluate):
+    adders = (
+        _add_data,
+        _add_train,
+        _add_export,
+        _add_serve,
+        _add_demo,
+        _add_catalogue,
+        _add_keys,
+        _add_evaluate,
+    )
+    for add in adders:
         add(sub, full)
     return parser
 

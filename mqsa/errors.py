@@ -9,6 +9,7 @@
     └── ServiceError          raised by the HTTP service; each carries its HTTP status
         ├── Unauthorized      401  a missing or wrong API key
         ├── Forbidden         403  a valid API key without the scope the route needs
+        ├── NotFound          404  no such item (in the catalogue, or known to the model)
         ├── BundleRefused     409  /admin/reload: not a usable bundle (the old one keeps serving)
         ├── InferenceError    500  the encoder or the index failed on a request
         ├── BundleError       503  a bundle is missing, incomplete, corrupted or of an unknown format
@@ -71,6 +72,12 @@ class Forbidden(ServiceError):
     """The request's API key is valid but lacks the scope the route needs."""
 
     status_code = 403
+
+
+class NotFound(ServiceError):
+    """The item asked about is not in the catalogue, or not known to the model."""
+
+    status_code = 404
 
 
 class BundleRefused(ServiceError):

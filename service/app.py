@@ -24,10 +24,11 @@ from starlette.exceptions import HTTPException
 
 from mqsa import __version__
 from mqsa.errors import ServiceError, StoreUnavailable
+from mqsa.service.catalogue import CatalogueFollower, CatalogueStore, seed_catalogue
 from mqsa.service.edge import EdgeMiddleware
 from mqsa.service.metrics import Metrics
 from mqsa.service.registry import ModelRegistry
-from mqsa.service.routes import docs, events, health, model, recommend
+from mqsa.service.routes import docs, events, health, items, model, recommend
 from mqsa.service.settings import Settings, load_settings
 from mqsa.service.store import HistoryStore, connect
 
@@ -89,17 +90,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.store = _store(settings, redis)
         await app.state.store.check_durability()
+        app.state.catalogue = CatalogueStore(redis, settings.redis_prefix)
+        follower = await _follow_catalogue(app.state.registry, app.state.catalogue, settings)
+        app.state.catalogue_follower = follower
         metrics.set_model(app.state.registry.bundle.model_version)
-        watcher = None
+        tasks = [asyncio.create_task(follower.follow())]
         if settings.watch_bundle:
-            watcher = asyncio.create_task(app.state.registry.watch(settings.watch_interval_seconds))
+            tasks.append(asyncio.create_task(app.state.registry.watch(settings.watch_interval_seconds)))
         try:
             yield
         finally:
-            if watcher:
-                watcher.cancel()
+            for task in tasks:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+                    await task
             await redis.aclose()
 
     app = FastAPI(
@@ -123,9 +127,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(Exception, _unexpected_error)
-    for module in (events, recommend, model, health, docs):
+    for module in (events, recommend, items, model, health, docs):
         app.include_router(module.router)
     return app
+
+
+async def _follow_catalogue(
+    registry: ModelRegistry, catalogue: CatalogueStore, settings: Settings
+) -> CatalogueFollower:
+    """Seed the catalogue from the bundle if Redis has none yet, load it, and return its follower.
+
+    With Redis down at start the rules stay empty (nothing hidden) and ``/readyz`` says
+    the catalogue is not loaded until the follower manages to.
+    """
+    follower = CatalogueFollower(
+        catalogue,
+        apply=registry.apply_catalogue,
+        replace=registry.replace_catalogue,
+        interval_seconds=settings.catalogue_poll_seconds,
+    )
+    try:
+        await seed_catalogue(catalogue, registry.bundle.path)
+        await follower.load()
+    except StoreUnavailable as exc:
+        log.warning("the catalogue is not loaded yet: %s", exc)
+    return follower
 
 
 def _registry(settings: Settings) -> ModelRegistry:

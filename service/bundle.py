@@ -202,12 +202,43 @@ class Bundle:
             raise InferenceError(f"encoder failed: {exc}") from exc
         return short, long
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k items by inner product: (B, d) -> scores (B, k), item_idx (B, k) (-1 = none)."""
+    @property
+    def index_type(self) -> str:
+        return str(self.manifest["index"].get("type", "flat"))
+
+    def search(self, queries: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k items by inner product: (B, d) -> scores (B, k), item_idx (B, k) (-1 = none).
+
+        ``params``: FAISS search parameters (an ID selector; see :meth:`search_parameters`).
+        """
         try:
-            return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+            return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
         except Exception as exc:  # FAISS raises RuntimeError from C++
             raise InferenceError(f"index search failed: {exc}") from exc
+
+    def search_parameters(self, selector: Any, share: float) -> Any:
+        """FAISS parameters that apply ``selector``; an approximate index searches ``1 / share``
+        wider (more IVF lists, a larger HNSW beam), so that a filter leaving few items still
+        finds enough of them."""
+        import faiss
+
+        widen = 1.0 / max(share, 1e-3)
+        params = self.manifest["index"]
+        if self.index_type == "ivf":
+            nprobe = min(int(params["nlist"]), int(np.ceil(int(params["nprobe"]) * widen)))
+            return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+        if self.index_type == "hnsw":
+            return faiss.SearchParametersHNSW(
+                sel=selector, efSearch=int(np.ceil(int(params["ef_search"]) * widen))
+            )
+        return faiss.SearchParameters(sel=selector)
+
+    def item_vector(self, item_idx: int) -> np.ndarray:
+        """(1, d) the item's embedding, as stored in the index."""
+        try:
+            return self.index.reconstruct(int(item_idx)).reshape(1, -1)
+        except Exception as exc:  # FAISS raises RuntimeError from C++
+            raise InferenceError(f"cannot read item {item_idx} from the index: {exc}") from exc
 
 
 def load_bundle(
@@ -269,6 +300,7 @@ def _open_index(path: Path, manifest: dict[str, Any], threads: int) -> Any:
     params = manifest["index"] if isinstance(manifest["index"], dict) else {}
     if "nprobe" in params:
         index.nprobe = int(params["nprobe"])
+        index.make_direct_map()  # so an item's vector can be read back (similar items)
     if "ef_search" in params:
         index.hnsw.efSearch = int(params["ef_search"])
     return index

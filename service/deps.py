@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from mqsa.errors import Forbidden, Unauthorized
+from mqsa.service.catalogue import CatalogueStore
 from mqsa.service.keys import Scope, scopes_of
 from mqsa.service.metrics import Metrics
 from mqsa.service.registry import ModelRegistry
@@ -35,10 +36,15 @@ async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+async def get_catalogue(request: Request) -> CatalogueStore:
+    return request.app.state.catalogue
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 StoreDep = Annotated[HistoryStore, Depends(get_store)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+CatalogueDep = Annotated[CatalogueStore, Depends(get_catalogue)]
 
 
 def requires(scope: Scope, open_when: str | None = None) -> Callable[..., Awaitable[None]]:

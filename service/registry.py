@@ -1,10 +1,12 @@
-"""The model currently served, swapped atomically on reload.
+"""The model currently served, with the catalogue's rules over its items, swapped atomically.
 
-A request takes ``registry.bundle`` once and uses that object to the end, so
-requests in flight finish on the model they started with while a reload
-swaps in the next one. Reload loads only bundles under the bundle root; a bundle
-that fails verification is refused (``BundleRefused``, one message whatever the
-reason; the reason goes to the log) and the current one keeps serving.
+A request takes ``registry.served`` once and uses that pair (the bundle and the
+rules built for its items) to the end, so requests in flight finish on the model
+they started with while a reload swaps in the next one. Reload loads only bundles
+under the bundle root; a bundle that fails verification is refused
+(``BundleRefused``, one message whatever the reason; the reason goes to the log) and
+the current one keeps serving. Catalogue changes go to the current rules; a reload
+and a change never interleave (one lock), so no change is lost in a swap.
 """
 
 from __future__ import annotations
@@ -17,8 +19,18 @@ from pathlib import Path
 
 from mqsa.errors import BundleError, BundleRefused
 from mqsa.service.bundle import Bundle, bundle_under, load_bundle
+from mqsa.service.catalogue import ItemRecord
+from mqsa.service.rules import Rules
 
 log = logging.getLogger("mqsa.service")
+
+
+@dataclass(frozen=True)
+class Served:
+    """What answers a request: a bundle and the catalogue's rules over its items."""
+
+    bundle: Bundle
+    rules: Rules
 
 
 @dataclass
@@ -28,7 +40,7 @@ class ReloadResult:
 
 
 class ModelRegistry:
-    """Holds the served bundle; loads, reloads and optionally watches its directory.
+    """Holds the served bundle and rules; loads, reloads and optionally watches the bundle directory.
 
     Args:
         bundle_dir: the configured bundle.
@@ -51,31 +63,36 @@ class ModelRegistry:
         self.onnx_threads = onnx_threads
         self.faiss_threads = faiss_threads
         self.hmac_key = hmac_key
-        self._bundle: Bundle | None = None
+        self._served: Served | None = None
         self._lock = asyncio.Lock()
 
     @property
-    def bundle(self) -> Bundle:
-        """The bundle serving now. Raises BundleError before the first load."""
-        if self._bundle is None:
+    def served(self) -> Served:
+        """The bundle and rules serving now. Raises BundleError before the first load."""
+        if self._served is None:
             raise BundleError("no model bundle is loaded")
-        return self._bundle
+        return self._served
+
+    @property
+    def bundle(self) -> Bundle:
+        return self.served.bundle
 
     @property
     def loaded(self) -> bool:
-        return self._bundle is not None
+        return self._served is not None
 
-    def _load(self, path: Path) -> Bundle:
-        return load_bundle(path, self.onnx_threads, self.faiss_threads, self.hmac_key)
+    def _load(self, path: Path, records: dict[str, ItemRecord]) -> Served:
+        bundle = load_bundle(path, self.onnx_threads, self.faiss_threads, self.hmac_key)
+        return Served(bundle, Rules(bundle.item_ids, records))
 
     def load(self) -> Bundle:
         """The first load, at start: a bad bundle stops the service from starting."""
-        self._bundle = self._load(self.bundle_dir)
-        log.info("serving model %s from %s", self._bundle.model_version, self.bundle_dir)
-        return self._bundle
+        self._served = self._load(self.bundle_dir, {})
+        log.info("serving model %s from %s", self.bundle.model_version, self.bundle_dir)
+        return self.bundle
 
     async def reload(self, bundle_dir: str | None = None) -> ReloadResult:
-        """Load a bundle off the event loop, then swap it in.
+        """Load a bundle (and its rules) off the event loop, then swap it in.
 
         Args:
             bundle_dir: a bundle under the root (relative to it, or absolute); the
@@ -85,17 +102,30 @@ class ModelRegistry:
             BundleRefused: the bundle is outside the root, missing or fails verification.
         """
         async with self._lock:
-            previous = self._bundle.model_version if self._bundle else None
+            previous = self._served.bundle.model_version if self._served else None
+            records = self._served.rules.all_records() if self._served else {}
             try:
                 path = bundle_under(self.root, bundle_dir) if bundle_dir else self.bundle_dir
-                fresh = await asyncio.to_thread(self._load, path)
+                fresh = await asyncio.to_thread(self._load, path, records)
             except BundleError as exc:
                 log.error("reload refused, still serving %s: %s", previous, exc)
                 raise BundleRefused("not a usable bundle") from exc
-            self._bundle = fresh
+            self._served = fresh
             self.bundle_dir = path
-            log.info("reloaded: serving model %s (was %s)", fresh.model_version, previous)
-            return ReloadResult(fresh.model_version, previous)
+            log.info("reloaded: serving model %s (was %s)", fresh.bundle.model_version, previous)
+            return ReloadResult(fresh.bundle.model_version, previous)
+
+    async def replace_catalogue(self, records: dict[str, ItemRecord]) -> None:
+        """Rebuild the rules from every record (at start, or after falling behind), off the loop."""
+        async with self._lock:
+            bundle = self.served.bundle
+            rules = await asyncio.to_thread(Rules, bundle.item_ids, records)
+            self._served = Served(bundle, rules)
+
+    async def apply_catalogue(self, changes: dict[str, ItemRecord | None]) -> None:
+        """Apply changed records to the current rules."""
+        async with self._lock:
+            self.served.rules.apply(changes)
 
     def _version_on_disk(self) -> str | None:
         try:
@@ -109,7 +139,7 @@ class ModelRegistry:
         while True:
             await asyncio.sleep(interval_seconds)
             on_disk = self._version_on_disk()
-            current = self._bundle.model_version if self._bundle else None
+            current = self._served.bundle.model_version if self._served else None
             if on_disk and on_disk != current and on_disk != refused:
                 try:
                     await self.reload()

@@ -6,11 +6,12 @@ maps external ids to indices before and back after.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Iterable
 
 import numpy as np
 
 from mqsa.service.bundle import Bundle
+from mqsa.service.rules import count_bits
 
 
 def left_pad(histories: list[list[int]], max_len: int, padding_idx: int) -> np.ndarray:
@@ -46,34 +47,40 @@ def encode_histories(bundle: Bundle, histories: list[list[int]], alpha: float | 
     return blend(short, long, bundle.alpha if alpha is None else alpha)
 
 
-def search_excluding(
-    bundle: Bundle, queries: np.ndarray, n: int, exclude: list[Collection[int]]
-) -> list[list[tuple[int, float]]]:
-    """The n best items per query, skipping excluded ones.
+def search(
+    bundle: Bundle, query: np.ndarray, n: int, allowed: np.ndarray | None = None, banned: Iterable[int] = ()
+) -> list[tuple[int, float]]:
+    """The n best items for one query, in one search, among the allowed ones.
 
-    Searches n + |exclude| deep, and deeper when an approximate index returns
-    fewer usable items, so n items come back whenever the catalogue allows.
+    The rules go into the search as a FAISS ID selector (``IDSelectorBitmap`` for the
+    catalogue's rules and the request's filter, ``IDSelectorNot(IDSelectorBatch)`` for
+    the request's exclusions, ``IDSelectorAnd`` of both), so one search answers
+    whatever is excluded. An approximate index searches wider when the rules leave few
+    items (IVF ``nprobe`` and HNSW ``efSearch`` divided by the share allowed), and may
+    still return fewer than n when they leave very few.
 
     Args:
-        queries: (B, d) blended vectors.
-        exclude: per query, item indices never to return.
+        query: (1, d) the blended vector (or an item's embedding, for similar items).
+        n: items wanted.
+        allowed: packed bitmap (``np.packbits`` little order) of the items that may be
+            returned; None: every item.
+        banned: item indices never to return (the history, the request's exclusions).
 
     Returns:
-        Per query, up to n (item_idx, score) pairs, best first.
+        Up to n (item_idx, score) pairs, best first.
     """
-    results: list[list[tuple[int, float]]] = []
-    for b in range(len(queries)):
-        banned = set(exclude[b])
-        depth = min(bundle.num_items, n + len(banned))
-        while True:
-            scores, idx = bundle.search(queries[b : b + 1], depth)
-            picked = [
-                (int(i), float(s))
-                for i, s in zip(idx[0], scores[0], strict=True)
-                if i >= 0 and int(i) not in banned
-            ][:n]
-            if len(picked) == n or depth >= bundle.num_items:
-                break
-            depth = min(bundle.num_items, depth * 2)
-        results.append(picked)
-    return results
+    import faiss
+
+    banned = np.fromiter(set(banned), dtype=np.int64)
+    share = 1.0 if allowed is None else count_bits(allowed) / max(1, bundle.num_items)
+    k = min(n, bundle.num_items)
+    selectors = []
+    if allowed is not None:
+        selectors.append(faiss.IDSelectorBitmap(bundle.num_items, faiss.swig_ptr(allowed)))
+    if len(banned):
+        selectors.append(faiss.IDSelectorNot(faiss.IDSelectorBatch(len(banned), faiss.swig_ptr(banned))))
+    selector = selectors[0] if len(selectors) == 1 else faiss.IDSelectorAnd(*selectors) if selectors else None
+    params = bundle.search_parameters(selector, share) if selector is not None else None
+    scores, idx = bundle.search(query, k, params)
+    keep = idx[0] >= 0
+    return list(zip(idx[0][keep].tolist(), scores[0][keep].tolist(), strict=True))

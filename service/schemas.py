@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from annotated_types import Ge, Le
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+
+from mqsa.service.rules import NO_FILTER, Filter
 
 MAX_ID_LENGTH = 256
 MAX_EVENTS = 1000
@@ -31,6 +34,8 @@ def _whole_number(value: object) -> object:
 
 
 Count = Annotated[int, BeforeValidator(_whole_number)]
+# The bounds inside the type, so that the OpenAPI document shows them on an optional field too.
+PerCategory = Annotated[int, Ge(1), Le(MAX_N), BeforeValidator(_whole_number)]
 
 
 class Request(BaseModel):
@@ -64,6 +69,35 @@ class EventsOut(BaseModel):
     unknown_items: int = Field(description="accepted events whose item the current model does not know")
 
 
+# No pattern on label names: JSON Schema would show it as patternProperties, which allows any
+# other key with any value, and the document must say exactly what is accepted.
+LabelName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MAX_FILTER = 100  # values per filter part
+MAX_LABELS = 20  # label names per item or filter
+
+
+class FilterIn(Request):
+    """Include-any within a part, every part must hold; items hidden by the catalogue never pass."""
+
+    categories: list[Id] = Field(default_factory=list, max_length=MAX_FILTER, description="in any of these")
+    exclude_categories: list[Id] = Field(
+        default_factory=list, max_length=MAX_FILTER, description="in none of these"
+    )
+    labels: dict[LabelName, list[Id]] = Field(
+        default_factory=dict,
+        max_length=MAX_LABELS,
+        description='label name -> allowed values, e.g. {"brand": ["acme", "zenith"]}',
+    )
+
+    @staticmethod
+    def rules(body: FilterIn | None) -> Filter:
+        """The filter the rules apply (``service/rules.py``); none when the body has none."""
+        if body is None:
+            return NO_FILTER
+        labels = tuple((name, tuple(values)) for name, values in sorted(body.labels.items()))
+        return Filter(tuple(body.categories), tuple(body.exclude_categories), labels)
+
+
 class RecommendIn(Request):
     user_id: Id
     n: Count = Field(10, ge=1, le=MAX_N)
@@ -75,11 +109,25 @@ class RecommendIn(Request):
     alpha: float | None = Field(
         None, ge=0, le=1, allow_inf_nan=False, description="short-branch weight; the bundle's by default"
     )
+    filter: FilterIn | None = Field(None, description="only items that pass it")
+    max_per_category: PerCategory | None = Field(
+        None,
+        description="at most this many items of one category (a list may then be shorter)",
+    )
+    explore: bool = Field(
+        True, description="let items the model does not know yet take MQSA_EXPLORE_SHARE of the list"
+    )
 
 
 class ScoredItem(BaseModel):
     item_id: str
-    score: float
+    score: float | None = Field(
+        description="the model's score (minus the rank for popular items); null when explored"
+    )
+    source: Literal["explore"] | None = Field(
+        None,
+        description='"explore" for an item the model does not know yet, given a slot to collect interactions',
+    )
 
 
 class RecommendOut(BaseModel):
@@ -88,6 +136,57 @@ class RecommendOut(BaseModel):
     model_version: str
     source: Literal["model", "popular"]
     degraded: bool = Field(False, description="true when Redis could not be read")
+
+
+class ItemIn(Request):
+    """One item's catalogue record: a field left out keeps its stored value."""
+
+    item_id: Id
+    categories: list[Id] | None = Field(None, max_length=MAX_FILTER)
+    labels: dict[LabelName, Id] | None = Field(
+        None, max_length=MAX_LABELS, description="replaces every label"
+    )
+    available: bool | None = Field(None, description="false hides the item from every answer")
+    expires_at: float | None = Field(
+        None, ge=0, le=MAX_TIMESTAMP, allow_inf_nan=False, description="seconds since the epoch; null: never"
+    )
+
+
+class ItemsIn(Request):
+    items: list[ItemIn] = Field(min_length=1, max_length=MAX_EVENTS)
+
+
+class ItemsOut(BaseModel):
+    upserted: int
+    catalogue_version: int = Field(
+        description="workers see the change when they reach this version (within ~1 s)"
+    )
+
+
+class ItemOut(BaseModel):
+    item_id: str
+    categories: list[str]
+    labels: dict[str, str]
+    available: bool
+    expires_at: float | None
+    created_at: float
+    updated_at: float
+    known_to_model: bool = Field(
+        description="whether the serving model has this item (else it can only be explored)"
+    )
+
+
+class SimilarIn(Request):
+    n: Count = Field(10, ge=1, le=MAX_N)
+    filter: FilterIn | None = None
+    exclude_items: list[Id] = Field(default_factory=list, max_length=MAX_LIST)
+    max_per_category: PerCategory | None = None
+
+
+class SimilarOut(BaseModel):
+    item_id: str
+    items: list[ScoredItem]
+    model_version: str
 
 
 class ReloadIn(Request):
@@ -137,6 +236,7 @@ class ReadyOut(BaseModel):
     redis_memory: RedisMemory | None = Field(
         None, description="memory pressure, for a look (alert on the mqsa_redis_memory_used_ratio metric)"
     )
+    catalogue_version: int | None = Field(None, description="the catalogue version this worker has applied")
 
 
 class FieldError(BaseModel):

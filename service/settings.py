@@ -62,6 +62,10 @@ class Settings(BaseSettings):
         body_timeout_seconds: a request body not received within this is refused with 408.
         header_timeout_seconds: a connection that has not sent its request headers within
             this is closed (`mqsa serve`).
+        explore_share: the share of each list given to catalogue items the model does not
+            know yet (1 in 10 by default), so they collect interactions before the next training.
+        explore_pick: which of those: newest (first written to the catalogue) or random.
+        catalogue_poll_seconds: how often each worker looks for catalogue changes.
         watch_bundle: poll the bundle directory and reload when it changes.
         watch_interval_seconds: how often to poll.
     """
@@ -94,6 +98,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1024)
     body_timeout_seconds: float = Field(10.0, gt=0, le=600)
     header_timeout_seconds: float = Field(10.0, gt=0, le=600)
+    explore_share: float = Field(0.1, ge=0, le=1)
+    explore_pick: Literal["newest", "random"] = "newest"
+    catalogue_poll_seconds: float = Field(0.25, gt=0, le=60)
     watch_bundle: bool = False
     watch_interval_seconds: float = Field(5.0, gt=0)
 

@@ -41,6 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from mqsa.catalogue_file import read_catalogue, write_jsonl
 from mqsa.errors import ConfigError, DataError
 from mqsa.models.mqsa import MQSA
 from mqsa.training.artifacts import file_sha256, write_json_atomic, writing
@@ -51,6 +52,7 @@ BUNDLE_FORMAT = 2
 ONNX_OPSET = 18
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 BUNDLE_FILES = ("encoder.onnx", "items.faiss", "items.json", "popular.json")  # the manifest lists these
+OPTIONAL_FILES = ("catalogue.jsonl",)  # listed (and checked) when the bundle has them
 
 
 @dataclass
@@ -64,6 +66,8 @@ class ExportConfig:
         hnsw_m: hnsw links per node.
         ef_search: hnsw search breadth.
         popular_top: items kept in popular.json.
+        catalogue: a catalogue file (JSONL, CSV or Parquet: mqsa/catalogue_file.py) to put in
+            the bundle; a service whose Redis holds no catalogue yet starts from it.
     """
 
     index: Literal["flat", "ivf", "hnsw"] = "flat"
@@ -72,6 +76,7 @@ class ExportConfig:
     hnsw_m: int = 32
     ef_search: int = 128
     popular_top: int = 1000
+    catalogue: Path | None = None
 
     def __post_init__(self) -> None:
         if self.index not in INDEX_TYPES:
@@ -240,15 +245,17 @@ def _write_files(model: MQSA, ckpt: Checkpoint, config: ExportConfig, out: Path)
     order = order[counts[order] > 0][: config.popular_top]
     popular = {"item_ids": [ckpt.item_ids[i] for i in order], "counts": counts[order].tolist()}
     write_json_atomic(out / "popular.json", popular, indent=1)
+    if config.catalogue is not None:
+        write_jsonl(read_catalogue(config.catalogue), out / "catalogue.jsonl")
     return params
 
 
 def _manifest(model: MQSA, ckpt: Checkpoint, index: dict[str, Any], out: Path) -> dict[str, Any]:
     """The manifest of the files in ``out``; the model version is the digest of the rest of it."""
     cfg = model.config
+    names = [*BUNDLE_FILES, *(name for name in OPTIONAL_FILES if (out / name).is_file())]
     files = {
-        name: {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size}
-        for name in BUNDLE_FILES
+        name: {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size} for name in names
     }
     manifest = {
         "format_version": BUNDLE_FORMAT,

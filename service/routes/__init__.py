@@ -17,6 +17,7 @@ ERROR_DESCRIPTIONS = {
     400: "malformed_json: the body is not valid JSON",
     401: "unauthorized: no API key, or one that matches no configured key",
     403: "forbidden: the API key lacks the scope this route needs",
+    404: "not_found: no such item (in the catalogue, or known to the model)",
     408: "request_timeout: the body did not arrive within MQSA_BODY_TIMEOUT_SECONDS",
     409: "bundle_refused: not a usable bundle under MQSA_BUNDLE_ROOT; the current model keeps serving",
     413: "body_too_large: the body is over MQSA_MAX_BODY_BYTES",

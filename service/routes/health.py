@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from mqsa.service.deps import MetricsDep, RegistryDep, StoreDep, requires
@@ -22,13 +22,16 @@ async def healthz() -> HealthOut:
     "/readyz",
     response_model=ReadyOut,
     responses={503: {"model": ReadyOut, "description": "not ready: the bundle or Redis is missing"}},
-    summary="A bundle is loaded and Redis answers",
+    summary="A bundle and the catalogue are loaded and Redis answers",
 )
-async def readyz(registry: RegistryDep, store: StoreDep, metrics: MetricsDep) -> JSONResponse:
+async def readyz(
+    request: Request, registry: RegistryDep, store: StoreDep, metrics: MetricsDep
+) -> JSONResponse:
     """Ready when the bundle is loaded and Redis answers. Redis's memory use is reported (and
     exported as a metric) but does not decide: when Redis is full, /events fails but
     /recommend still answers, so taking every replica out of rotation would be worse."""
-    checks = {"bundle": registry.loaded, "redis": await store.ping()}
+    follower = request.app.state.catalogue_follower  # until the catalogue is read, nothing is hidden
+    checks = {"bundle": registry.loaded, "redis": await store.ping(), "catalogue": follower.loaded}
     ready = all(checks.values())
     memory = await store.memory() if checks["redis"] else None
     redis_memory = None
@@ -42,6 +45,7 @@ async def readyz(registry: RegistryDep, store: StoreDep, metrics: MetricsDep) ->
         checks=checks,
         model_version=registry.bundle.model_version if registry.loaded else None,
         redis_memory=redis_memory,
+        catalogue_version=follower.version if follower.loaded else None,
     )
     return JSONResponse(status_code=200 if ready else 503, content=body.model_dump())
 

@@ -9,9 +9,9 @@ from fastapi import APIRouter, Depends, Response
 from mqsa.errors import StoreUnavailable
 from mqsa.service.deps import MetricsDep, RegistryDep, SettingsDep, StoreDep, requires
 from mqsa.service.keys import Scope
-from mqsa.service.recommender import recommend
+from mqsa.service.recommender import Ask, recommend
 from mqsa.service.routes import BODY_ERRORS, KEY_ERRORS, errors
-from mqsa.service.schemas import RecommendIn, RecommendOut
+from mqsa.service.schemas import FilterIn, RecommendIn, RecommendOut
 
 router = APIRouter(tags=["recommend"])
 
@@ -29,12 +29,16 @@ router = APIRouter(tags=["recommend"])
 async def post_recommend(
     body: RecommendIn, store: StoreDep, registry: RegistryDep, metrics: MetricsDep, settings: SettingsDep
 ) -> Response:
-    """Reads the stored history (or uses ``recent_items``), encodes, blends, searches, filters.
+    """Reads the stored history (or uses ``recent_items``), encodes, blends, and searches once
+    within the catalogue's rules, the ``filter`` and the exclusions.
 
-    With no usable history the bundle's popular items answer (``source: popular``).
-    If Redis cannot be read, ``recent_items`` or the popular items answer with ``degraded: true``.
+    With no usable history the bundle's popular items answer (``source: popular``), under the
+    same rules. If Redis cannot be read, ``recent_items`` or the popular items answer with
+    ``degraded: true``. Items of the catalogue the model does not know yet may take
+    MQSA_EXPLORE_SHARE of the list (``"source": "explore"``, ``"score": null``).
     """
-    bundle = registry.bundle  # this request uses this model to the end, whatever a reload does
+    served = registry.served  # this request uses this model and its rules to the end, whatever a reload does
+    bundle = served.bundle
     degraded = False
     stored: list[str] = []
     if body.recent_items is None or body.exclude_seen:
@@ -50,11 +54,22 @@ async def post_recommend(
         exclude.update(stored)
         if body.recent_items is not None:
             exclude.update(body.recent_items)
-    result = recommend(bundle, history, body.n, exclude, body.alpha, metrics)
+    ask = Ask(
+        n=body.n,
+        exclude=exclude,
+        flt=FilterIn.rules(body.filter),
+        max_per_category=body.max_per_category,
+        explore_share=settings.explore_share if body.explore else 0.0,
+        explore_pick=settings.explore_pick,
+    )
+    result = recommend(bundle, served.rules, history, ask, body.alpha, metrics)
     # The hot path: serialised directly, not re-validated (the shape is RecommendOut's).
     payload = {
         "user_id": body.user_id,
-        "items": [{"item_id": i, "score": s} for i, s in result.items],
+        "items": [
+            {"item_id": i, "score": s, "source": source} if source else {"item_id": i, "score": s}
+            for i, s, source in result.items
+        ],
         "model_version": bundle.model_version,
         "source": result.source,
         "degraded": degraded,

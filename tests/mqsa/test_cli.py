@@ -76,7 +76,7 @@ def test_help_lists_every_subcommand_with_its_help() -> None:
     assert result.returncode == 0
     subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     listed = {choice.dest: choice.help for choice in subcommands._choices_actions}
-    assert set(listed) == {"data", "train", "export", "serve", "demo", "keys", "evaluate"}
+    assert set(listed) == {"data", "train", "export", "serve", "demo", "catalogue", "keys", "evaluate"}
     shown = " ".join(result.stdout.split())  # argparse wraps long lines
     for name, text in listed.items():  # the usage line names them too: check each one's help line
         assert f" {name} {text}" in shown, name
@@ -156,6 +156,7 @@ def test_every_project_error_is_an_mqsa_error_with_exit_code_2() -> None:
     assert {c.__name__: c.status_code for c in service} == {
         "Unauthorized": 401,
         "Forbidden": 403,
+        "NotFound": 404,
         "BundleRefused": 409,
         "InferenceError": 500,
         "BundleError": 503,

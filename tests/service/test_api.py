@@ -341,7 +341,7 @@ def test_production_refuses_to_start_without_keys_and_prints_no_secret(bundle_di
 def test_health_ready_model_and_metrics(client, manifest, vocab) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
-    assert ready["checks"] == {"bundle": True, "redis": True}
+    assert ready["checks"] == {"bundle": True, "redis": True, "catalogue": True}
     assert ready["redis_memory"]["used_bytes"] > 0 and ready["redis_memory"]["used_ratio"] >= 0
     model = client.get("/model").json()
     assert model["model_version"] == manifest["model_version"] and model["num_items"] == 200

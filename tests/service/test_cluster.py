@@ -120,4 +120,4 @@ def test_service_on_a_cluster(cluster_url, bundle_dir) -> None:
         assert stored.json() == {"accepted": 150, "duplicates": 0, "unknown_items": 0}
         r = client.post("/recommend", json={"user_id": "u7", "n": 5})
         assert r.json()["source"] == "model" and not set(i["item_id"] for i in r.json()["items"]) & set(items)
-        assert client.get("/readyz").json()["checks"] == {"bundle": True, "redis": True}
+        assert client.get("/readyz").json()["checks"] == {"bundle": True, "redis": True, "catalogue": True}

@@ -17,7 +17,7 @@ from mqsa.service.app import create_app
 from mqsa.service.keys import entry, new_key
 from mqsa.service.settings import Settings
 
-EXAMPLES = 25  # per operation, mode and app: about 700 requests in all
+EXAMPLES = 20  # per operation, mode and app: about 1,600 requests in all
 ALL_SCOPES = new_key()
 
 
@@ -54,15 +54,22 @@ def keyed_schema(keyed_app) -> Any:
 OPERATIONS = [
     ("POST", "/events"),
     ("POST", "/recommend"),
+    ("PUT", "/items"),
+    ("GET", "/items/{item_id}"),
+    ("DELETE", "/items/{item_id}"),
+    ("GET", "/items/{item_id}/similar"),
+    ("POST", "/items/{item_id}/similar"),
     ("GET", "/model"),
     ("POST", "/admin/reload"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
 ]
-WITH_BODY = [op for op in OPERATIONS if op[0] == "POST"]  # the only ones negative data can be made for
+WITH_INPUT = [
+    op for op in OPERATIONS if op[0] in ("POST", "PUT") or "{" in op[1]
+]  # negative data needs an input
 CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
-    (m, p, GenerationMode.NEGATIVE) for m, p in WITH_BODY
+    (m, p, GenerationMode.NEGATIVE) for m, p in WITH_INPUT
 ]
 BOUNDED = hypothesis_settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 

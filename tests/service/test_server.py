@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from mqsa.demo import wait_ready
@@ -94,3 +95,31 @@ def test_a_slow_but_timely_client_is_served(served) -> None:
         s.sendall(b"Host: x\r\nConnection: close\r\n\r\n")
         answer = closed_within(s, 5)
     assert answer is not None and answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"status":"ok"}')
+
+
+def test_catalogue_load_sends_a_file_to_a_running_service(served, tmp_path) -> None:
+
+    catalogue = tmp_path / "items.csv"
+    catalogue.write_text(
+        "item_id,categories,available\n" + "".join(f"c{n},cat{n % 3},true\n" for n in range(2500))
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "mqsa.cli",
+        "catalogue",
+        "load",
+        str(catalogue),
+        "--url",
+        f"http://127.0.0.1:{served}",
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "loaded 2500 items" in result.stdout
+
+    got = httpx.get(f"http://127.0.0.1:{served}/items/c2499").json()
+    assert got["categories"] == ["cat0"] and got["known_to_model"] is False
+    bad = subprocess.run(
+        [*cmd[:5], str(tmp_path / "none.csv"), *cmd[6:]], cwd=ROOT, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "none.csv: no such file" in bad.stderr

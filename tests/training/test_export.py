@@ -10,7 +10,8 @@ from mqsa.errors import ConfigError, DataError
 from mqsa.models.mqsa import MQSA
 from mqsa.service.bundle import Bundle, load_bundle
 from mqsa.service.metrics import Metrics
-from mqsa.service.recommender import recommend
+from mqsa.service.recommender import Ask, recommend
+from mqsa.service.rules import Rules
 from mqsa.training.checkpoint import Checkpoint
 from mqsa.training.evaluation import make_test_set, model_scorer, target_ranks
 from mqsa.training.export import ExportConfig, export_bundle, manifest_digest
@@ -26,9 +27,10 @@ def served(bundle: Bundle, history: list[int], n: int, exclude: set[int]) -> lis
     """What the service answers for a history of item indices, through its own recommend():
     (item_idx, score) pairs, best first."""
     ids = bundle.item_ids
-    result = recommend(bundle, [ids[i] for i in history], n, {ids[i] for i in exclude}, None, Metrics())
+    ask = Ask(n=n, exclude={ids[i] for i in exclude})
+    result = recommend(bundle, Rules(bundle.item_ids), [ids[i] for i in history], ask, None, Metrics())
     assert result.source == "model"
-    return [(bundle.item_index[item_id], score) for item_id, score in result.items]
+    return [(bundle.item_index[item_id], score) for item_id, score, _ in result.items]
 
 
 @pytest.fixture(scope="module")
