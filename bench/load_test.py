@@ -1,4 +1,5 @@
-"""Load test of the service: ingestion, constant-rate latency, the most requests/s, time per stage.
+"""Load test of the service: ingestion, constant-rate latency, paced connections, filters, the most
+requests/s, time per stage.
 
     python bench/load_test.py --bundle bundles/beauty --data ../shared/data/beauty.txt
 
@@ -10,10 +11,17 @@ What it does, on this machine only (loopback; every loop is bounded in time):
 3. an open-loop generator (``open_loop`` below, asyncio + uvloop, raw HTTP/1.1)
    at a constant ``--rate`` requests/s of POST /recommend for ``--duration``
    seconds, every user in turn; latency from each request's due time: p50, p95, p99, errors;
-4. `wrk` (closed loop, a Lua script rotating over all users) at several
+4. many slowly paced connections, as a gateway sends: ``--paced`` connections each
+   at ``--rate / --paced`` req/s, once with their ticks in step (what `hey -q R -c C`
+   does: all its workers start their tickers together, so every tick brings C
+   requests at once) and once with each connection's phase at random (independent
+   clients); latency from each request's due time;
+5. with a catalogue in which every 10th item is in category "ten": the open loop
+   again, each request asking ``filter: {categories: ["ten"]}`` (10% of the items);
+6. `wrk` (closed loop, a Lua script rotating over all users) at several
    connection counts: the most requests/s with zero errors, and its p99;
-5. the mean time per stage (Redis, encoder, search, the rest) from the
-   service's Prometheus histograms over the runs above.
+7. the mean time per stage (Redis per request; encoder and search per call, which
+   serve a batch of concurrent requests) from the service's Prometheus histograms.
 The generator runs on the same 2 cores as the service. The markdown table
 goes to stdout and, with ``--out``, to a file. Keys under its prefix are
 deleted at the end.
@@ -25,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -138,6 +147,71 @@ async def open_loop(
     }
 
 
+async def paced(
+    port: int, bodies: list[bytes], connections: int, rate: float, duration: int, aligned: bool, seed: int = 0
+) -> dict[str, float]:
+    """``connections`` keep-alive connections, each sending ``rate`` req/s for ``duration`` s.
+
+    ``aligned``: every connection ticks at the same instants (bursts of ``connections``
+    requests); else each starts at a random phase. Latency from each request's due time.
+    """
+    rng = random.Random(seed)
+    latencies: list[float] = []
+    errors = 0
+    start = time.perf_counter() + 0.2
+
+    async def one_connection(c: int) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        phase = 0.0 if aligned else rng.random() / rate
+        for i in range(int(rate * duration)):
+            due = start + phase + i / rate
+            if (delay := due - time.perf_counter()) > 0:
+                await asyncio.sleep(delay)
+            body = bodies[(c * 7919 + i) % len(bodies)]
+            writer.write(_post("/recommend", body))
+            status = int((await reader.readline()).split()[1])
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+            latencies.append(time.perf_counter() - due)
+            errors += status != 200
+        writer.close()
+
+    await asyncio.gather(*(one_connection(c) for c in range(connections)))
+    return _quantiles(latencies, errors)
+
+
+def _post(path: str, body: bytes) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+def _quantiles(latencies: list[float], errors: int) -> dict[str, float]:
+    latencies.sort()
+    pick = lambda q: 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
+    return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99), "n": len(latencies), "errors": errors}
+
+
+def tag_every_tenth(url: str, item_ids: list[str]) -> None:
+    """Category "ten" on every 10th item, through PUT /items; wait until the worker has it."""
+    items = [
+        {"item_id": i, "categories": ["ten"] if k % 10 == 0 else ["other"]} for k, i in enumerate(item_ids)
+    ]
+    version = 0
+    for k in range(0, len(items), 1000):
+        r = httpx.put(f"{url}/items", json={"items": items[k : k + 1000]}, timeout=30)
+        r.raise_for_status()
+        version = r.json()["catalogue_version"]
+    deadline = time.time() + 30
+    while httpx.get(f"{url}/readyz").json().get("catalogue_version", -1) < version:
+        if time.time() > deadline:
+            raise RuntimeError("the worker did not apply the catalogue")
+        time.sleep(0.1)
+
+
 WRK_SCRIPT = """
 local users = {}
 for line in io.lines("%s") do users[#users + 1] = line end
@@ -190,12 +264,16 @@ def stage_means(metrics_text: str) -> dict[str, float]:
         return sum(float(v) for v in found)
 
     out = {}
+    route = r'{method="POST",route="/recommend",status="200"}'
+    requests_ = value(re.escape("mqsa_request_seconds_count" + route))
+    out["request"] = 1000 * value(re.escape("mqsa_request_seconds_sum" + route)) / max(requests_, 1)
     for stage in ("redis", "encoder", "search"):
         count = value(rf'mqsa_stage_seconds_count{{stage="{stage}"}}')
-        out[stage] = 1000 * value(rf'mqsa_stage_seconds_sum{{stage="{stage}"}}') / max(count, 1)
-    route = r'{method="POST",route="/recommend",status="200"}'
-    count = value(re.escape("mqsa_request_seconds_count" + route))
-    out["request"] = 1000 * value(re.escape("mqsa_request_seconds_sum" + route)) / max(count, 1)
+        total = value(rf'mqsa_stage_seconds_sum{{stage="{stage}"}}')
+        out[stage] = 1000 * total / max(count, 1)  # per call
+        out[f"{stage}_per_request"] = 1000 * total / max(requests_, 1)
+        out[f"{stage}_calls"] = count
+    out["requests"] = requests_
     return out
 
 
@@ -216,6 +294,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=300)
     parser.add_argument("--duration", type=int, default=30)
     parser.add_argument("--connections", type=int, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument("--paced", type=int, default=10, help="slowly paced connections sharing --rate")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -273,6 +352,25 @@ def main() -> None:
             f"p95 {constant['p95']:.2f} ms, p99 {constant['p99']:.2f} ms, {constant['rps']:.0f} req/s achieved, "
             f"{constant['errors']} errors of {constant['ok'] + constant['errors']} |"
         )
+        for aligned in (True, False):
+            run = asyncio.run(
+                paced(args.port, bodies, args.paced, args.rate / args.paced, args.duration, aligned)
+            )
+            shape = "ticks in step, as hey's" if aligned else "random phases"
+            rows.append(
+                f"| /recommend, {args.paced} connections x {args.rate / args.paced:g} req/s, {shape} | "
+                f"p50 {run['p50']:.2f} ms, p95 {run['p95']:.2f} ms, p99 {run['p99']:.2f} ms, "
+                f"{run['errors']} errors of {run['n']} |"
+            )
+        tag_every_tenth(url, item_ids)
+        filtered = [
+            json.dumps({"user_id": u, "n": 10, "filter": {"categories": ["ten"]}}).encode() for u in users
+        ]
+        run = asyncio.run(open_loop(args.port, filtered, args.rate, args.duration))
+        rows.append(
+            f"| /recommend at {args.rate} req/s with a filter keeping 10% of the items | p50 {run['p50']:.2f} ms, "
+            f"p95 {run['p95']:.2f} ms, p99 {run['p99']:.2f} ms, {run['errors']} errors |"
+        )
         runs = [wrk(url, list(users), c, args.duration) for c in args.connections]
         for run in runs:
             rows.append(
@@ -285,11 +383,13 @@ def main() -> None:
             rows.append(
                 f"| most req/s with zero errors | {best['rps']:,.0f} req/s (p99 {best['p99']:.2f} ms) |"
             )
-        stages = stage_means(httpx.get(f"{url}/metrics").text)
-        rest = stages["request"] - stages["redis"] - stages["encoder"] - stages["search"]
+        st = stage_means(httpx.get(f"{url}/metrics").text)
+        batch = st["requests"] / max(st["encoder_calls"], 1)
+        rest = st["request"] - st["redis_per_request"] - st["encoder_per_request"] - st["search_per_request"]
         rows.append(
-            f"| mean time per /recommend stage | Redis {stages['redis']:.3f} ms, encoder {stages['encoder']:.3f} ms, "
-            f"search {stages['search']:.3f} ms, the rest {rest:.3f} ms (of {stages['request']:.3f} ms) |"
+            f"| mean time per /recommend | Redis {st['redis']:.3f} ms; encoder {st['encoder']:.3f} ms and search "
+            f"{st['search']:.3f} ms per call, a call serving {batch:.2f} requests on average; the rest "
+            f"{rest:.3f} ms (of {st['request']:.3f} ms) |"
         )
     finally:
         server.terminate()

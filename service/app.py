@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 
 from mqsa import __version__
 from mqsa.errors import ServiceError, StoreUnavailable
+from mqsa.service.batching import Batcher
 from mqsa.service.catalogue import CatalogueFollower, CatalogueStore, seed_catalogue
 from mqsa.service.edge import EdgeMiddleware
 from mqsa.service.metrics import Metrics
@@ -117,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.batcher = Batcher(metrics)
     app.add_middleware(
         EdgeMiddleware,
         max_body_bytes=settings.max_body_bytes,

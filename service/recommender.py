@@ -16,9 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mqsa.errors import NotFound
+from mqsa.service.batching import Batcher, Job
 from mqsa.service.bundle import Bundle
 from mqsa.service.metrics import Metrics
-from mqsa.service.retrieval import encode_histories, search
+from mqsa.service.retrieval import search
 from mqsa.service.rules import NO_FILTER, Filter, Rules
 
 DIVERSITY_DEPTH = 5  # with a per-category cap, the search looks this many times deeper
@@ -54,21 +55,34 @@ class Recommendation:
     source: str  # "model" or "popular"
 
 
-def recommend(
-    bundle: Bundle, rules: Rules, history: list[str], ask: Ask, alpha: float | None, metrics: Metrics
+async def recommend(
+    bundle: Bundle,
+    rules: Rules,
+    history: list[str],
+    ask: Ask,
+    alpha: float | None,
+    metrics: Metrics,
+    batcher: Batcher,
 ) -> Recommendation:
-    """The top ``ask.n`` items for a history of external item ids (oldest first)."""
+    """The top ``ask.n`` items for a history of external item ids (oldest first).
+
+    The encoder call and the search go through ``batcher``, with those of the requests
+    that are ready at the same time (``service/batching.py``).
+    """
     explored = rules.explore(int(ask.n * ask.explore_share), ask.flt, ask.exclude, ask.explore_pick)
     wanted = ask.n - len(explored)
     known = [bundle.item_index[i] for i in history if i in bundle.item_index]
     if not known:
         metrics.fallbacks.labels(reason="no_usable_history").inc()
-        picked, source = popular_items(bundle, rules, wanted, ask), "popular"
-    else:
-        with metrics.time_stage("encoder"):
-            query = encode_histories(bundle, [known], alpha)  # (1, d)
-        picked, source = _search(bundle, rules, query, wanted, ask, metrics), "model"
-    return Recommendation(_interleave(picked, explored), source)
+        return Recommendation(_interleave(popular_items(bundle, rules, wanted, ask), explored), "popular")
+    allowed = None if ask.flt.empty and rules.hides_nothing else rules.allowed(ask.flt)
+    banned = {bundle.item_index[i] for i in ask.exclude if i in bundle.item_index}
+    depth = wanted if ask.max_per_category is None else min(bundle.num_items, wanted * DIVERSITY_DEPTH)
+    job = Job(known, bundle.alpha if alpha is None else alpha, depth, banned, allowed, shared=ask.flt.empty)
+    found = await batcher.run(bundle, job)
+    ranked = [(bundle.item_ids[i], s, None) for i, s in found]
+    picked = _diversify(ranked, wanted, ask.max_per_category, rules.categories_of)
+    return Recommendation(_interleave(picked, explored), "model")
 
 
 def similar(

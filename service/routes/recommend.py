@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 
 from mqsa.errors import StoreUnavailable
 from mqsa.service.deps import MetricsDep, RegistryDep, SettingsDep, StoreDep, requires
@@ -27,7 +27,12 @@ router = APIRouter(tags=["recommend"])
     summary="Top-n items for a user",
 )
 async def post_recommend(
-    body: RecommendIn, store: StoreDep, registry: RegistryDep, metrics: MetricsDep, settings: SettingsDep
+    request: Request,
+    body: RecommendIn,
+    store: StoreDep,
+    registry: RegistryDep,
+    metrics: MetricsDep,
+    settings: SettingsDep,
 ) -> Response:
     """Reads the stored history (or uses ``recent_items``), encodes, blends, and searches once
     within the catalogue's rules, the ``filter`` and the exclusions.
@@ -62,7 +67,9 @@ async def post_recommend(
         explore_share=settings.explore_share if body.explore else 0.0,
         explore_pick=settings.explore_pick,
     )
-    result = recommend(bundle, served.rules, history, ask, body.alpha, metrics)
+    result = await recommend(
+        bundle, served.rules, history, ask, body.alpha, metrics, request.app.state.batcher
+    )
     # The hot path: serialised directly, not re-validated (the shape is RecommendOut's).
     payload = {
         "user_id": body.user_id,

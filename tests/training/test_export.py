@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ from mqsa.errors import ConfigError, DataError
 from mqsa.models.mqsa import MQSA
 from mqsa.service.bundle import Bundle, load_bundle
 from mqsa.service.metrics import Metrics
+from mqsa.service.batching import Batcher
 from mqsa.service.recommender import Ask, recommend
 from mqsa.service.rules import Rules
 from mqsa.training.checkpoint import Checkpoint
@@ -28,7 +30,9 @@ def served(bundle: Bundle, history: list[int], n: int, exclude: set[int]) -> lis
     (item_idx, score) pairs, best first."""
     ids = bundle.item_ids
     ask = Ask(n=n, exclude={ids[i] for i in exclude})
-    result = recommend(bundle, Rules(bundle.item_ids), [ids[i] for i in history], ask, None, Metrics())
+    metrics = Metrics()
+    rules, history_ids = Rules(bundle.item_ids), [ids[i] for i in history]
+    result = asyncio.run(recommend(bundle, rules, history_ids, ask, None, metrics, Batcher(metrics)))
     assert result.source == "model"
     return [(bundle.item_index[item_id], score) for item_id, score, _ in result.items]
 
