@@ -12,6 +12,7 @@ and a change never interleave (one lock), so no change is lost in a swap.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 from dataclasses import dataclass
@@ -23,6 +24,21 @@ from mqsa.service.catalogue import ItemRecord
 from mqsa.service.rules import Rules
 
 log = logging.getLogger("mqsa.service")
+
+
+FREEZE_AFTER = 1000  # changed records in one go: worth a collection (cheap: the rest is frozen)
+
+
+def freeze_heap() -> None:
+    """Move what is loaded now (bundle, vocabulary, rules: millions of objects for a large
+    catalogue) out of the garbage collector's sight.
+
+    Without it, each full collection walks them all: 0.1-0.3 s pauses, every few seconds
+    under load, with a million items. What is replaced later is freed by reference
+    counting as usual; only cycles among frozen objects would stay (there are none here).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 @dataclass(frozen=True)
@@ -83,11 +99,12 @@ class ModelRegistry:
 
     def _load(self, path: Path, records: dict[str, ItemRecord]) -> Served:
         bundle = load_bundle(path, self.onnx_threads, self.faiss_threads, self.hmac_key)
-        return Served(bundle, Rules(bundle.item_ids, records))
+        return Served(bundle, Rules(bundle.item_ids, records, bundle.item_index))
 
     def load(self) -> Bundle:
         """The first load, at start: a bad bundle stops the service from starting."""
         self._served = self._load(self.bundle_dir, {})
+        freeze_heap()
         log.info("serving model %s from %s", self.bundle.model_version, self.bundle_dir)
         return self.bundle
 
@@ -112,6 +129,7 @@ class ModelRegistry:
                 raise BundleRefused("not a usable bundle") from exc
             self._served = fresh
             self.bundle_dir = path
+            freeze_heap()
             log.info("reloaded: serving model %s (was %s)", fresh.bundle.model_version, previous)
             return ReloadResult(fresh.bundle.model_version, previous)
 
@@ -119,13 +137,16 @@ class ModelRegistry:
         """Rebuild the rules from every record (at start, or after falling behind), off the loop."""
         async with self._lock:
             bundle = self.served.bundle
-            rules = await asyncio.to_thread(Rules, bundle.item_ids, records)
+            rules = await asyncio.to_thread(Rules, bundle.item_ids, records, bundle.item_index)
             self._served = Served(bundle, rules)
+            freeze_heap()
 
     async def apply_catalogue(self, changes: dict[str, ItemRecord | None]) -> None:
         """Apply changed records to the current rules."""
         async with self._lock:
             self.served.rules.apply(changes)
+            if len(changes) >= FREEZE_AFTER:
+                freeze_heap()
 
     def _version_on_disk(self) -> str | None:
         try:

@@ -66,11 +66,18 @@ class Rules:
     Args:
         item_ids: the bundle's item_idx -> item_id.
         records: the catalogue, item_id -> record.
+        index: item_id -> item_idx, when the caller has it already (the bundle's): a million
+            items make a 100 MB dictionary.
     """
 
-    def __init__(self, item_ids: list[str], records: dict[str, ItemRecord] | None = None) -> None:
+    def __init__(
+        self,
+        item_ids: list[str],
+        records: dict[str, ItemRecord] | None = None,
+        index: dict[str, int] | None = None,
+    ) -> None:
         self.item_ids = item_ids
-        self.index = {item_id: i for i, item_id in enumerate(item_ids)}
+        self.index = index if index is not None else {item_id: i for i, item_id in enumerate(item_ids)}
         self.n = len(item_ids)
         self._all = self._full()
         self.visible = self._full()  # available and not expired (as of the last expiry sweep)
