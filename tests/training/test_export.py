@@ -9,9 +9,9 @@ import torch
 
 from mqsa.errors import ConfigError, DataError
 from mqsa.models.mqsa import MQSA
+from mqsa.service.batching import Batcher
 from mqsa.service.bundle import Bundle, load_bundle
 from mqsa.service.metrics import Metrics
-from mqsa.service.batching import Batcher
 from mqsa.service.recommender import Ask, recommend
 from mqsa.service.rules import Rules
 from mqsa.training.checkpoint import Checkpoint
