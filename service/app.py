@@ -74,6 +74,22 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "an unexpected error; the service's log has the details")
 
 
+async def _shut_down(tasks: list[asyncio.Task], store: HistoryStore, redis: Any, timeout: float) -> None:
+    """Stop the background tasks and close the pool, each bounded by ``timeout`` seconds.
+
+    Closing a redis-py client can wait forever for a socket that never reports closed
+    (redis/redis-py#3941); a stopping worker logs that and goes on rather than hanging.
+    """
+    for task in tasks:
+        task.cancel()
+    steps = (asyncio.gather(*tasks, return_exceptions=True), store.close(), redis.aclose())
+    for name, step in zip(("background tasks", "pending reads", "redis pool"), steps, strict=True):
+        try:
+            await asyncio.wait_for(step, timeout)
+        except TimeoutError:
+            log.warning("shutdown: %s did not stop within %.1f s; going on", name, timeout)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. The bundle and the Redis pool are opened in the lifespan, not here."""
     settings = settings or load_settings()
@@ -101,11 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await redis.aclose()
+            await _shut_down(tasks, app.state.store, redis, settings.redis_timeout_seconds)
 
     app = FastAPI(
         title="MQSA-TED recommendations",

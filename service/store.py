@@ -197,7 +197,20 @@ def redis_errors() -> Iterator[None]:
     try:
         yield
     except UNAVAILABLE as exc:
-        raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
+        raise _unavailable(exc) from exc
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}")
+
+
+def _translated(exc: Exception) -> Exception:
+    """``exc`` as :func:`redis_errors` would raise it (for errors handed on, not raised)."""
+    if not isinstance(exc, UNAVAILABLE):
+        return exc
+    unavailable = _unavailable(exc)
+    unavailable.__cause__ = exc
+    return unavailable
 
 
 def connect(
@@ -316,6 +329,8 @@ class HistoryStore:
         self.stream_keys = stream_keys(prefix, self.stream_shards)
         self.ack_policy = AckPolicy(ack, int(ack_replicas), int(ack_timeout_ms))  # type: ignore[arg-type]
         self._ack_plan: AckPlan | None = None  # chosen at the first write (or at start, if Redis answers)
+        self._reads: list[tuple[str, int, asyncio.Future]] = []  # history reads waiting to go out together
+        self._tasks: set[asyncio.Task] = set()  # the flushes under way (a task needs a reference)
         self._script = redis.register_script(APPEND_SCRIPT)
 
     def _tagged(self, user_id: str) -> str:
@@ -469,14 +484,56 @@ class HistoryStore:
     async def history(self, user_id: str, limit: int) -> list[str]:
         """The user's last ``limit`` item ids, oldest first; empty for an unknown user.
 
+        Reads of concurrent requests go out together, in one pipeline (one round trip, one
+        socket to wake up for), once every task that is ready now has asked; on a cluster
+        each read goes alone.
+
         Raises:
             StoreUnavailable: when Redis fails.
         """
         if limit <= 0:
             return []
-        with redis_errors():
-            items = await self.redis.lrange(self.items_key(user_id), -limit, -1)
-        return [item.decode() if isinstance(item, bytes) else item for item in items]
+        if isinstance(self.redis, aioredis.RedisCluster):
+            with redis_errors():
+                return list(await self.redis.lrange(self.items_key(user_id), -limit, -1))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._reads.append((self.items_key(user_id), limit, future))
+        if len(self._reads) == 1:
+            loop.call_soon(self._flush_reads)
+        return await future
+
+    def _flush_reads(self) -> None:
+        task = asyncio.ensure_future(self._read_together())
+        self._tasks.add(task)  # the loop holds tasks weakly; this keeps the flush alive
+        task.add_done_callback(self._tasks.discard)
+
+    async def _read_together(self) -> None:
+        reads, self._reads = self._reads, []
+        try:
+            with redis_errors():
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for key, limit, _ in reads:
+                        pipe.lrange(key, -limit, -1)
+                    replies = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # Redis is down (or a bug): every waiting request gets it
+            replies = [exc] * len(reads)
+        for (_, _, future), reply in zip(reads, replies, strict=True):
+            if future.done():  # its request was cancelled meanwhile
+                continue
+            if isinstance(reply, Exception):  # one key's error (WRONGTYPE) is that request's alone
+                future.set_exception(_translated(reply))
+            else:
+                future.set_result(list(reply))
+
+    async def close(self) -> None:
+        """Cancel reads still in flight (at shutdown); their requests get the cancellation."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for _, _, future in self._reads:
+            future.cancel()
+        self._reads = []
 
     async def ping(self) -> bool:
         """Whether Redis answers; False (never an exception) when it does not."""

@@ -487,3 +487,30 @@ def test_watch_reloads_a_bundle_renamed_into_place(
             time.sleep(0.1)
         assert c.get("/model").json()["model_version"] == new_version
         assert c.post("/recommend", json={"user_id": "w", "n": 3}).status_code == 200
+
+
+def test_shutdown_goes_on_when_closing_the_pool_hangs(caplog):
+    """redis-py's close can wait forever on a socket (redis/redis-py#3941): a worker must still stop."""
+    from mqsa.service.app import _shut_down
+
+    class HangingPool:
+        async def aclose(self) -> None:
+            await asyncio.sleep(3600)
+
+    class Store:
+        closed = False
+
+        async def close(self) -> None:
+            Store.closed = True
+
+    async def main() -> float:
+        background = asyncio.create_task(asyncio.sleep(3600))
+        started = time.monotonic()
+        await _shut_down([background], Store(), HangingPool(), timeout=0.2)  # type: ignore[arg-type]
+        assert background.cancelled()
+        return time.monotonic() - started
+
+    with caplog.at_level("WARNING", logger="mqsa.service.app"):
+        elapsed = asyncio.run(main())
+    assert elapsed < 1.0 and Store.closed
+    assert "redis pool did not stop within 0.2 s" in caplog.text

@@ -197,6 +197,60 @@ def test_a_users_memory_is_bounded_by_the_dedup_cap_whatever_the_ids(redis_url, 
     assert history < 5_000, history
 
 
+def test_concurrent_reads_go_out_together_on_one_connection(redis_server_factory):
+    """Fifty requests reading at once cost one round trip: the pool opens one connection, not 50."""
+    server = redis_server_factory()
+    users = {f"u{k}": [f"i{k}-{j}" for j in range(k % 7 + 1)] for k in range(50)}
+
+    async def body(store, writer):
+        for user, items in users.items():
+            await store.append(events(user, items))
+        reader = connect(server.url, timeout_seconds=TIMEOUT)
+        try:
+            before = (await writer.info("stats"))["total_connections_received"]
+            reading = HistoryStore(reader, prefix="t")
+            limits = {user: 1 + k % 4 for k, user in enumerate(users)}
+            results = await asyncio.gather(*(reading.history(user, limits[user]) for user in users))
+            after = (await writer.info("stats"))["total_connections_received"]
+        finally:
+            await reader.aclose()
+        return limits, results, after - before
+
+    limits, results, connections = with_store(server.url, "t", body)
+    assert results == [items[-limits[user] :] for user, items in users.items()]
+    assert connections == 1
+
+
+def test_one_users_broken_key_fails_only_that_users_read(redis_url, key_prefix):
+    from redis.exceptions import ResponseError
+
+    async def body(store, client):
+        await store.append(events("a", ["x"]) + events("c", ["y", "z"]))
+        await client.set(store.items_key("b"), "not a list")
+        return await asyncio.gather(*(store.history(u, 10) for u in "abc"), return_exceptions=True)
+
+    a, b, c = with_store(redis_url, key_prefix, body)
+    assert a == ["x"] and c == ["y", "z"]
+    assert isinstance(b, ResponseError) and "WRONGTYPE" in str(b)
+
+
+def test_an_outage_fails_every_waiting_read_and_a_cancelled_read_harms_none(redis_server_factory):
+    server = redis_server_factory()
+
+    async def body(store, client):
+        await store.append(events("u", ["a", "b"]))
+        reads = [asyncio.ensure_future(store.history("u", 10)) for _ in range(5)]
+        reads[0].cancel()
+        served = await asyncio.gather(*reads[1:])
+        server.stop()
+        failed = await asyncio.gather(*(store.history("u", 10) for _ in range(5)), return_exceptions=True)
+        return reads[0].cancelled(), served, failed
+
+    cancelled, served, failed = with_store(server.url, "t", body, timeout=0.5)
+    assert cancelled and served == [["a", "b"]] * 4
+    assert all(isinstance(e, StoreUnavailable) and "redis unavailable" in str(e) for e in failed)
+
+
 def test_a_bug_is_not_reported_as_redis_being_down(redis_url, key_prefix):
     """WRONGTYPE is not Redis's state but a bug: it keeps its own error (a 500), not a 503."""
     from redis.exceptions import ResponseError
