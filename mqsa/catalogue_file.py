@@ -11,8 +11,11 @@ Three formats, one record per row or line:
 * Parquet (``.parquet``, ``.pq``): the CSV's columns; ``categories`` may also be a list.
 
 A field that is absent (or empty in a CSV cell) is left out of the record, so loading
-a file of availability updates keeps every item's categories. Only the standard
-library and pyarrow (for Parquet), so the service image can run it.
+a file of availability updates keeps every item's categories. Every record is checked
+by the API's own item schema (``ItemIn``) before anything is sent or written, so a
+load never stops half-way on a 422. UTF-8 text, with or without a byte-order mark.
+Only pydantic (the service's schemas) and pyarrow (for Parquet), so the service image
+can run it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from mqsa.errors import DataError
+from mqsa.service.schemas import MAX_TIMESTAMP, ItemIn
 
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
@@ -53,8 +59,15 @@ def read_catalogue(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark is not data
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not UTF-8 text (byte {exc.start}); save the file as UTF-8", path) from None
+
+
 def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(_text(path).splitlines(), start=1):
         if line.strip():
             try:
                 row = json.loads(line)
@@ -84,9 +97,11 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with path.open(newline="", encoding="utf-8") as f:
-        for n, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
-            yield f"line {n}", _flat(row)
+    lines = _text(path).splitlines(keepends=True)
+    for n, row in enumerate(csv.DictReader(lines), start=2):  # line 1 is the header
+        if None in row:  # DictReader keeps the cells past the header's columns under None
+            raise DataError(f"line {n}: more cells than the header has columns", path)
+        yield f"line {n}", _flat(row)
 
 
 def _parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -116,6 +131,9 @@ def _record(row: dict[str, Any], path: Path, where: str) -> dict[str, Any]:
     if "labels" in row:
         if not isinstance(row["labels"], dict):
             raise bad("labels must be an object of name -> value")
+        for name, value in row["labels"].items():
+            if isinstance(value, bool) or not isinstance(value, str | int):
+                raise bad(f"labels.{name} {value!r} is not a text value")
         record["labels"] = {str(k): str(v) for k, v in row["labels"].items()}
     if "available" in row:
         record["available"] = _boolean(row["available"], bad)
@@ -124,9 +142,17 @@ def _record(row: dict[str, Any], path: Path, where: str) -> dict[str, Any]:
             record["expires_at"] = None if row["expires_at"] is None else float(row["expires_at"])
         except (TypeError, ValueError):
             raise bad(f"expires_at {row['expires_at']!r} is not a number of seconds") from None
+        if (record["expires_at"] or 0) > MAX_TIMESTAMP:
+            raise bad(f"expires_at {row['expires_at']!r} is after 2100: seconds, not milliseconds?")
     unknown = set(row) - {"item_id", "categories", "labels", "available", "expires_at"}
     if unknown:
         raise bad(f"unknown field(s) {sorted(unknown)}")
+    try:
+        ItemIn.model_validate(record)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"])
+        raise bad(f"{field}: {error['msg']}") from None
     return record
 
 

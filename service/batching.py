@@ -7,8 +7,9 @@ often tick in step) share one encoder call and one search, and a lone request wa
 for nothing but its own turn. Triton's dynamic batching, without a batching delay.
 
 In one batch: one ONNX call for all histories (left-padded to the longest); then one
-FAISS search per group of queries under the same rules (the catalogue's global
-bitmap, or none), ``k = max(n + |excluded|)`` deep, each query's own exclusions taken
+FAISS search per group of queries under the same rules (the same global bitmap
+object, or none: a catalogue change between two requests makes two groups),
+``k = max(n + |excluded|)`` deep, each query's own exclusions taken
 out after: at most |excluded| of its results can be excluded, so it keeps its n.
 A query with its own filter gets its own search with its own selector.
 """
@@ -63,6 +64,8 @@ class Batcher:
 
     async def run(self, bundle: Bundle, job: Job) -> list[tuple[int, float]]:
         """The n best (item_idx, score) for the job, best first."""
+        if job.n <= 0:
+            return []
         loop = asyncio.get_running_loop()
         job.future = loop.create_future()
         self.pending.setdefault(id(bundle), (bundle, []))[1].append(job)
@@ -93,12 +96,14 @@ class Batcher:
         alphas = np.array([[j.alpha] for j in jobs], dtype=np.float32)
         queries = blend(short, long, alphas)  # (B, d): alpha per row
         with self.metrics.time_stage("search"):
-            shared = [i for i, j in enumerate(jobs) if j.shared]
-            if shared:
-                self._shared_search(bundle, [jobs[i] for i in shared], queries[shared])
+            groups: dict[int, list[int]] = {}  # by the rules' bitmap object: the same rules
             for i, job in enumerate(jobs):
-                if not job.shared:
-                    job.future.set_result(search(bundle, queries[i : i + 1], job.n, job.allowed, job.banned))
+                if job.shared:
+                    groups.setdefault(id(job.allowed), []).append(i)
+                else:
+                    _answer(job, search(bundle, queries[i : i + 1], job.n, job.allowed, job.banned))
+            for rows in groups.values():
+                self._shared_search(bundle, [jobs[i] for i in rows], queries[rows])
 
     @staticmethod
     def _shared_search(bundle: Bundle, jobs: list[Job], queries: np.ndarray) -> None:
@@ -112,7 +117,12 @@ class Batcher:
                 for i, s in zip(idx[row], scores[row], strict=True)
                 if i >= 0 and int(i) not in job.banned
             ]
-            job.future.set_result(picked[: job.n])
+            _answer(job, picked[: job.n])
+
+
+def _answer(job: Job, found: list[tuple[int, float]]) -> None:
+    if not job.future.done():  # its request may have been cancelled meanwhile
+        job.future.set_result(found)
 
 
 def _shared_params(bundle: Bundle, allowed: np.ndarray | None) -> Any:

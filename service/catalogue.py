@@ -6,7 +6,9 @@ so the scripts run on Redis Cluster too):
 
 * ``{prefix}:{cat}:items`` – a HASH item_id -> the record as JSON;
 * ``{prefix}:{cat}:changes`` – a STREAM of changed item ids (trimmed near 100,000);
-* ``{prefix}:{cat}:version`` – a counter, one more after every write.
+* ``{prefix}:{cat}:version`` – a counter, one more after every write;
+* ``{prefix}:{cat}:epoch`` – a random token set by the first write: a Redis that lost
+  its data (restarted empty, failed over) gets a new one, and workers reload.
 
 Writes (:meth:`CatalogueStore.upsert`, :meth:`CatalogueStore.delete`) are one Lua
 call each: merge the patch into the stored record (a field left out keeps its
@@ -14,7 +16,8 @@ value), record the change, bump the version. Every worker follows the version
 (:class:`CatalogueFollower`, a few times a second) and applies only the changed
 items to its in-memory rules (``service/rules.py``), so a change is seen everywhere
 within about a second, and a worker that fell too far behind (the change stream was
-trimmed past it) reloads the whole catalogue. An item with no record is available
+trimmed past it), or that finds another epoch or a smaller version, reloads the whole
+catalogue. An item with no record is available
 and in no category.
 """
 
@@ -24,12 +27,14 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis import exceptions as redis_exceptions
 
 from mqsa.errors import StoreUnavailable
 from mqsa.service.store import redis_errors
@@ -39,12 +44,14 @@ log = logging.getLogger("mqsa.service")
 CHANGES_MAXLEN = 100_000
 FIELDS = ("categories", "labels", "available", "expires_at")
 
-# KEYS: items hash, changes stream, version counter.
-# ARGV: now, changes maxlen, then (item_id, patch as JSON) pairs. Returns the new version.
+# KEYS: items hash, changes stream, version counter, epoch.
+# ARGV: now, changes maxlen, an epoch token (kept only if there is none), then (item_id,
+# patch as JSON) pairs. Returns the new version.
 UPSERT_SCRIPT = """#!lua
 local items, changes, version = KEYS[1], KEYS[2], KEYS[3]
 local now = tonumber(ARGV[1])
-for i = 3, #ARGV, 2 do
+redis.call('SET', KEYS[4], ARGV[3], 'NX')
+for i = 4, #ARGV, 2 do
   local id, patch = ARGV[i], cjson.decode(ARGV[i + 1])
   local old = redis.call('HGET', items, id)
   local doc
@@ -62,6 +69,7 @@ return redis.call('INCR', version)
 """
 
 # KEYS as above; ARGV: changes maxlen, item_id. Returns {version, 1 if it existed else 0}.
+# (A record exists only after an upsert, which set the epoch.)
 DELETE_SCRIPT = """#!lua
 local existed = redis.call('HDEL', KEYS[1], ARGV[2])
 if existed == 1 then
@@ -133,7 +141,7 @@ class CatalogueStore:
     def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
         self.redis = redis
         tag = f"{prefix}:{{cat}}"
-        self.keys = [f"{tag}:items", f"{tag}:changes", f"{tag}:version"]
+        self.keys = [f"{tag}:items", f"{tag}:changes", f"{tag}:version", f"{tag}:epoch"]
         self._upsert = redis.register_script(UPSERT_SCRIPT)
         self._delete = redis.register_script(DELETE_SCRIPT)
 
@@ -143,7 +151,7 @@ class CatalogueStore:
         Raises:
             StoreUnavailable: when Redis fails (the write may then be partly applied).
         """
-        args: list[Any] = [time.time(), CHANGES_MAXLEN]
+        args: list[Any] = [time.time(), CHANGES_MAXLEN, uuid.uuid4().hex]
         for item_id, patch in patches:
             args += [item_id, json.dumps({k: list(v) if k == "categories" else v for k, v in patch.items()})]
         with redis_errors():
@@ -171,6 +179,12 @@ class CatalogueStore:
         with redis_errors():
             return int(await self.redis.get(self.keys[2]) or 0)
 
+    async def state(self) -> tuple[int, str | None]:
+        """The version and the epoch (None before the first write), in one round trip."""
+        with redis_errors():
+            version, epoch = await self.redis.mget(self.keys[2], self.keys[3])
+        return int(version or 0), epoch
+
     async def last_change(self) -> str:
         """The id of the newest change ("0-0" when there is none)."""
         with redis_errors():
@@ -181,7 +195,10 @@ class CatalogueStore:
         """The item ids changed after change ``last``, and the newest change id; None when the
         change stream was trimmed past ``last`` (the caller must reload everything)."""
         with redis_errors():
-            info = await self.redis.xinfo_stream(self.keys[1])
+            try:
+                info = await self.redis.xinfo_stream(self.keys[1])
+            except redis_exceptions.ResponseError:  # no stream: it was deleted
+                return None
         deleted = info.get("max-deleted-entry-id", "0-0")
         if _id_key(deleted) > _id_key(last):
             return None
@@ -232,13 +249,15 @@ class CatalogueFollower:
         self.store, self.apply, self.replace = store, apply, replace
         self.interval_seconds = interval_seconds
         self.version = -1
+        self.epoch: str | None = None
         self.last_change = "0-0"
+        self.reload_next = False  # after an unexpected error
 
     async def load(self) -> None:
         """Everything, from scratch (the change id first, so no change is missed)."""
-        version, last = await self.store.version(), await self.store.last_change()
+        (version, epoch), last = await self.store.state(), await self.store.last_change()
         await self.replace(await self.store.load_all())
-        self.version, self.last_change = version, last
+        self.version, self.epoch, self.last_change = version, epoch, last
 
     @property
     def loaded(self) -> bool:
@@ -247,9 +266,13 @@ class CatalogueFollower:
 
     async def catch_up(self) -> bool:
         """Apply what changed since the last look; whether anything did."""
-        version = await self.store.version()
-        if version == self.version:
+        version, epoch = await self.store.state()
+        if (version, epoch) == (self.version, self.epoch):
             return False
+        if epoch != self.epoch or version < self.version:
+            log.warning("the catalogue in Redis was replaced (its data was lost?): reloading all of it")
+            await self.load()
+            return True
         changed = await self.store.changed_since(self.last_change)
         if changed is None:
             log.warning("the catalogue's change stream was trimmed past this worker: reloading all of it")
@@ -261,16 +284,21 @@ class CatalogueFollower:
         return True
 
     async def follow(self) -> None:
-        """Poll forever (a background task); a Redis outage is logged and waited out."""
+        """Poll forever (a background task). A Redis outage is logged and waited out; any
+        other error is logged with its traceback and the next poll reloads everything."""
         while True:
             await asyncio.sleep(self.interval_seconds)
             try:
-                if self.version < 0:
+                if self.version < 0 or self.reload_next:
                     await self.load()
+                    self.reload_next = False
                 else:
                     await self.catch_up()
             except StoreUnavailable as exc:
                 log.warning("catalogue not refreshed: %s", exc)
+            except Exception:  # the follower must outlive a bug or an odd reply
+                log.exception("catalogue not refreshed; reloading it at the next poll")
+                self.reload_next = True
 
 
 SEED_FILE = "catalogue.jsonl"  # optional in a bundle: `mqsa export --catalogue FILE` writes it

@@ -69,20 +69,30 @@ async def recommend(
     The encoder call and the search go through ``batcher``, with those of the requests
     that are ready at the same time (``service/batching.py``).
     """
-    explored = rules.explore(int(ask.n * ask.explore_share), ask.flt, ask.exclude, ask.explore_pick)
+    explored, counts = _explore(rules, ask)
     wanted = ask.n - len(explored)
     known = [bundle.item_index[i] for i in history if i in bundle.item_index]
     if not known:
         metrics.fallbacks.labels(reason="no_usable_history").inc()
-        return Recommendation(_interleave(popular_items(bundle, rules, wanted, ask), explored), "popular")
+        popular = popular_items(bundle, rules, wanted, ask, counts)
+        return Recommendation(_interleave(popular, explored), "popular")
     allowed = None if ask.flt.empty and rules.hides_nothing else rules.allowed(ask.flt)
     banned = {bundle.item_index[i] for i in ask.exclude if i in bundle.item_index}
     depth = wanted if ask.max_per_category is None else min(bundle.num_items, wanted * DIVERSITY_DEPTH)
     job = Job(known, bundle.alpha if alpha is None else alpha, depth, banned, allowed, shared=ask.flt.empty)
     found = await batcher.run(bundle, job)
     ranked = [(bundle.item_ids[i], s, None) for i, s in found]
-    picked = _diversify(ranked, wanted, ask.max_per_category, rules.categories_of)
+    picked = _diversify(ranked, wanted, ask.max_per_category, rules.categories_of, counts)
     return Recommendation(_interleave(picked, explored), "model")
+
+
+def _explore(rules: Rules, ask: Ask) -> tuple[list[str], Counter[str]]:
+    """The explored items (within the category cap), and the categories they take."""
+    explored = rules.explore(int(ask.n * ask.explore_share), ask.flt, ask.exclude, ask.explore_pick)
+    counts: Counter[str] = Counter()
+    entries: list[Entry] = [(item_id, None, "explore") for item_id in explored]
+    kept = _diversify(entries, len(entries), ask.max_per_category, rules.categories_of, counts)
+    return [item_id for item_id, _, _ in kept], counts
 
 
 def similar(
@@ -110,16 +120,20 @@ def _search(bundle: Bundle, rules: Rules, query, n: int, ask: Ask, metrics: Metr
     return _diversify(ranked, n, ask.max_per_category, rules.categories_of)
 
 
-def popular_items(bundle: Bundle, rules: Rules, n: int, ask: Ask) -> list[Entry]:
+def popular_items(
+    bundle: Bundle, rules: Rules, n: int, ask: Ask, counts: Counter[str] | None = None
+) -> list[Entry]:
     """The n most popular items that pass the rules and the filter; the score is minus the rank."""
     out: list[Entry] = []
+    if n <= 0:
+        return out
     limit = n if ask.max_per_category is None else n * DIVERSITY_DEPTH
     for rank, item_id in enumerate(bundle.popular):
         if item_id not in ask.exclude and rules.passes(item_id, ask.flt):
             out.append((item_id, float(-rank), None))
             if len(out) == limit:
                 break
-    return _diversify(out, n, ask.max_per_category, rules.categories_of)
+    return _diversify(out, n, ask.max_per_category, rules.categories_of, counts)
 
 
 def _diversify(
@@ -127,15 +141,17 @@ def _diversify(
     n: int,
     cap: int | None,
     categories_of: Callable[[str], tuple[str, ...]],
+    counts: Counter[str] | None = None,
 ) -> list[Entry]:
     """The first n of ``ranked`` with at most ``cap`` items of any one category (items in
-    several categories count in each). May return fewer than n: the cap is kept strictly."""
+    several categories count in each), counting on from ``counts`` (updated in place). May
+    return fewer than n: the cap is kept strictly."""
     if cap is None:
         return ranked[:n]
-    counts: Counter[str] = Counter()
+    counts = Counter() if counts is None else counts
     out = []
     for entry in ranked:
-        categories = categories_of(entry[0])
+        categories = set(categories_of(entry[0]))
         if all(counts[c] < cap for c in categories):
             counts.update(categories)
             out.append(entry)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from annotated_types import Ge, Le
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator
 
 from mqsa.service.rules import NO_FILTER, Filter
 
@@ -86,7 +86,9 @@ class FilterIn(Request):
     labels: dict[LabelName, list[Id]] = Field(
         default_factory=dict,
         max_length=MAX_LABELS,
-        description='label name -> allowed values, e.g. {"brand": ["acme", "zenith"]}',
+        description=(
+            'label name -> allowed values, e.g. {"brand": ["acme", "zenith"]}; an empty list does not filter'
+        ),
     )
 
     @staticmethod
@@ -94,7 +96,7 @@ class FilterIn(Request):
         """The filter the rules apply (``service/rules.py``); none when the body has none."""
         if body is None:
             return NO_FILTER
-        labels = tuple((name, tuple(values)) for name, values in sorted(body.labels.items()))
+        labels = tuple((name, tuple(values)) for name, values in sorted(body.labels.items()) if values)
         return Filter(tuple(body.categories), tuple(body.exclude_categories), labels)
 
 
@@ -150,6 +152,12 @@ class ItemIn(Request):
     expires_at: float | None = Field(
         None, ge=0, le=MAX_TIMESTAMP, allow_inf_nan=False, description="seconds since the epoch; null: never"
     )
+
+    @field_validator("categories")
+    @classmethod
+    def _once_each(cls, categories: list[str] | None) -> list[str] | None:
+        """A category named twice counts once (in the per-category cap too)."""
+        return None if categories is None else list(dict.fromkeys(categories))
 
 
 class ItemsIn(Request):

@@ -518,6 +518,10 @@ class HistoryStore:
                     replies = await pipe.execute(raise_on_error=False)
         except Exception as exc:  # Redis is down (or a bug): every waiting request gets it
             replies = [exc] * len(reads)
+        except asyncio.CancelledError:  # shutting down: the waiting requests are cancelled too
+            for _, _, future in reads:
+                future.cancel()
+            raise
         for (_, _, future), reply in zip(reads, replies, strict=True):
             if future.done():  # its request was cancelled meanwhile
                 continue

@@ -41,7 +41,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from mqsa.catalogue_file import read_catalogue, write_jsonl
 from mqsa.errors import ConfigError, DataError
 from mqsa.models.mqsa import MQSA
 from mqsa.training.artifacts import file_sha256, write_json_atomic, writing
@@ -214,12 +213,22 @@ def export_bundle(
     num_items = model.config.num_items
     if ckpt.item_ids is None or len(ckpt.item_ids) != num_items or len(ckpt.item_counts) != num_items:
         raise DataError("the checkpoint has no item vocabulary or counts of the right size", checkpoint)
+    catalogue = None
+    if config.catalogue is not None:  # read first: a bad file fails before the long part
+        # The seed's records are the API's item objects, checked by the service's own schema.
+        from mqsa.catalogue_file import read_catalogue
+
+        catalogue = read_catalogue(config.catalogue)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     with writing(out_dir):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
     try:
         params = _write_files(model, ckpt, config, tmp)
+        if catalogue is not None:
+            from mqsa.catalogue_file import write_jsonl
+
+            write_jsonl(catalogue, tmp / "catalogue.jsonl")
         manifest = _manifest(model, ckpt, {"type": config.index, "metric": "inner_product", **params}, tmp)
         if hmac_key:
             manifest["signature"] = manifest_signature(manifest, hmac_key)
@@ -245,8 +254,6 @@ def _write_files(model: MQSA, ckpt: Checkpoint, config: ExportConfig, out: Path)
     order = order[counts[order] > 0][: config.popular_top]
     popular = {"item_ids": [ckpt.item_ids[i] for i in order], "counts": counts[order].tolist()}
     write_json_atomic(out / "popular.json", popular, indent=1)
-    if config.catalogue is not None:
-        write_jsonl(read_catalogue(config.catalogue), out / "catalogue.jsonl")
     return params
 
 

@@ -200,6 +200,59 @@ def test_at_most_k_items_of_one_category(client, vocab) -> None:
     assert len(got) == 8 and max(cats.count(c) for c in set(cats)) == 2
 
 
+def test_explored_items_count_toward_the_category_cap(client, vocab) -> None:
+    put(client, [{"item_id": i, "categories": ["shoes"]} for i in vocab])
+    put(client, [{"item_id": "new-boot", "categories": ["shoes"]}])
+    body = {"user_id": "d", "recent_items": vocab[:5], "n": 10, "max_per_category": 1}
+    items = client.post("/recommend", json=body).json()["items"]
+    assert [(i["item_id"], i.get("source")) for i in items] == [("new-boot", "explore")]  # one shoe in all
+
+
+def test_a_category_named_twice_counts_once(client, vocab) -> None:
+    put(client, [{"item_id": i, "categories": ["shoes", "shoes"]} for i in vocab])
+    assert client.get(f"/items/{vocab[0]}").json()["categories"] == ["shoes"]
+    body = {"user_id": "d", "recent_items": vocab[:5], "n": 5, "max_per_category": 2, "explore": False}
+    assert len(ids(client.post("/recommend", json=body))) == 2
+
+
+def test_an_empty_label_list_does_not_filter(client, vocab) -> None:
+    body = {"user_id": "d", "recent_items": vocab[:5], "n": 5, "explore": False}
+    plain = ids(client.post("/recommend", json=body))
+    assert ids(client.post("/recommend", json={**body, "filter": {"labels": {"brand": []}}})) == plain
+
+
+def test_a_list_of_explored_items_only_is_no_error(bundle_dir, redis_url, key_prefix, vocab) -> None:
+    """MQSA_EXPLORE_SHARE=1 leaves the model no place: no search with k = 0, no 500."""
+    with make(bundle_dir, redis_url, key_prefix, explore_share=1.0) as c:
+        put(c, [{"item_id": f"new-{k}", "categories": ["shoes"]} for k in range(3)])
+        for extra in ({}, {"filter": {"categories": ["shoes"]}}, {"exclude_seen": False}):
+            body = {"user_id": "d", "recent_items": vocab[:5], "n": 2, **extra}
+            r = c.post("/recommend", json=body)
+            assert r.status_code == 200, r.text
+            assert [i["source"] for i in r.json()["items"]] == ["explore", "explore"]
+        assert c.post("/recommend", json={"user_id": "nobody", "n": 2}).status_code == 200
+
+
+def test_the_catalogue_is_reloaded_when_redis_comes_back_empty(
+    bundle_dir, redis_server_factory, vocab
+) -> None:
+    """A Redis that lost its data (restart without persistence, failover) gets a new epoch:
+    the worker reloads, and goes on following the changes made after."""
+    server = redis_server_factory()
+    with make(bundle_dir, server.url, "t") as c:
+        put(c, [{"item_id": vocab[0], "available": False}])
+        server.stop()
+        server.start()  # empty: vocab[0] is visible again, for Redis and so for the worker
+        body = {"user_id": "u", "recent_items": vocab[:5], "n": 5, "explore": False}
+        deadline = time.monotonic() + 5
+        while c.get("/readyz").json().get("catalogue_version") != 0:
+            assert time.monotonic() < deadline, "the worker never noticed that Redis lost the catalogue"
+            time.sleep(0.05)
+        top = ids(c.post("/recommend", json=body))[0]
+        put(c, [{"item_id": top, "available": False}])  # version 1 again, in a new epoch
+        assert top not in ids(c.post("/recommend", json=body))
+
+
 def test_a_bundle_seeds_an_empty_catalogue(trained_run, bundle_root, redis_url, key_prefix, tmp_path) -> None:
     from mqsa.training.export import ExportConfig, export_bundle
 

@@ -251,6 +251,27 @@ def test_an_outage_fails_every_waiting_read_and_a_cancelled_read_harms_none(redi
     assert all(isinstance(e, StoreUnavailable) and "redis unavailable" in str(e) for e in failed)
 
 
+def test_closing_the_store_cancels_the_reads_in_flight(redis_server_factory):
+    """At shutdown, requests waiting on a hung Redis are cancelled at once, not left waiting."""
+    server = redis_server_factory()
+
+    async def body(store, client):
+        await store.append(events("u", ["a"]))
+        server.pause()
+        try:
+            reads = [asyncio.ensure_future(store.history("u", 10)) for _ in range(3)]
+            await asyncio.sleep(0.1)  # the pipeline is out, waiting for a reply
+            started = time.monotonic()
+            await store.close()
+            await asyncio.gather(*reads, return_exceptions=True)
+            return time.monotonic() - started, [r.cancelled() for r in reads]
+        finally:
+            server.resume()
+
+    elapsed, cancelled = with_store(server.url, "t", body)  # 3 s timeout: the close must not wait for it
+    assert elapsed < 1.0 and cancelled == [True, True, True]
+
+
 def test_a_bug_is_not_reported_as_redis_being_down(redis_url, key_prefix):
     """WRONGTYPE is not Redis's state but a bug: it keeps its own error (a 500), not a 503."""
     from redis.exceptions import ResponseError
