@@ -4,6 +4,7 @@
     mqsa data synth --out DIR [--users 2000 --items 500 ... --raw-log]
     mqsa data stats PATH
     mqsa data export-events --out FILE
+    mqsa events archive --to URL [--once]
     mqsa train --data PATH --out DIR [one flag per MQSAConfig and TrainConfig field]
     mqsa evaluate --checkpoint CKPT --data PATH
     mqsa export --checkpoint CKPT --out DIR [one flag per ExportConfig field]
@@ -67,8 +68,7 @@ def _data_export_events(args: argparse.Namespace) -> None:
     from mqsa.service.event_log import export_events_sync
     from mqsa.service.store import stream_keys
 
-    url = args.redis_url or os.environ.get("MQSA_REDIS_URL", "redis://127.0.0.1:6379/0")
-    cluster = args.cluster or os.environ.get("MQSA_REDIS_CLUSTER", "").lower() in ("1", "true", "yes")
+    url, cluster = _redis_of(args)
     rows = export_events_sync(url, stream_keys(args.prefix, args.stream_shards), args.out, cluster=cluster)
     print(f"wrote {rows} events to {args.out} (the raw log format `mqsa data prepare` reads)")
 
@@ -175,11 +175,66 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(DemoConfig(**flags.values(args, DemoConfig)), keep_running=not args.no_wait)
 
 
+def _redis_of(args: argparse.Namespace) -> tuple[str, bool]:
+    """The Redis URL and cluster flag: the flags, else MQSA_REDIS_URL / MQSA_REDIS_CLUSTER."""
+    url = args.redis_url or os.environ.get("MQSA_REDIS_URL", "redis://127.0.0.1:6379/0")
+    cluster = args.cluster or os.environ.get("MQSA_REDIS_CLUSTER", "").lower() in ("1", "true", "yes")
+    return url, cluster
+
+
+def _add_redis_flags(p: argparse.ArgumentParser) -> None:
+    """Where the service's streams are: the flags default to the service's MQSA_* variables."""
+    p.add_argument("--redis-url", default=None, help="default: $MQSA_REDIS_URL or redis://127.0.0.1:6379/0")
+    p.add_argument("--prefix", default=os.environ.get("MQSA_REDIS_PREFIX", "mqsa"), help="MQSA_REDIS_PREFIX")
+    p.add_argument(
+        "--stream-shards",
+        type=int,
+        default=int(os.environ.get("MQSA_STREAM_SHARDS", "16")),
+        help="the service's MQSA_STREAM_SHARDS (default 16)",
+    )
+    p.add_argument(
+        "--cluster", action="store_true", help="the URL names a Redis Cluster node (MQSA_REDIS_CLUSTER)"
+    )
+
+
+def _events_archive(args: argparse.Namespace) -> None:
+    from mqsa.service.archive import run_archiver
+    from mqsa.service.store import stream_keys
+
+    url, cluster = _redis_of(args)
+    streams = stream_keys(args.prefix, args.stream_shards)
+    poll = None if args.once else args.poll_seconds
+    result = run_archiver(url, streams, args.to, args.batch, poll, cluster)
+    print(f"archived {result.archived} events in {result.files} files to {args.to}")
+
+
+def _add_events(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> None:
+    e = sub.add_parser("events", help="the service's event streams")
+    e_sub = e.add_subparsers(dest="events_command", required=True)
+    a = e_sub.add_parser(
+        "archive", help="event streams -> date-partitioned Parquet, exactly once (with MQSA_STREAM_ARCHIVE)"
+    )
+    a.add_argument("--to", required=True, help="a folder or an fsspec URL (s3://bucket/events, gs://...)")
+    a.add_argument("--batch", type=int, default=10_000, help="the most events per file (default 10000)")
+    a.add_argument(
+        "--poll-seconds", type=float, default=1.0, help="rest after a pass that found nothing (default 1)"
+    )
+    a.add_argument("--once", action="store_true", help="archive what is there now, then stop")
+    _add_redis_flags(a)
+    a.set_defaults(func=_events_archive)
+
+
 def _add_data(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> None:
     data = sub.add_parser("data", help="prepare, generate and inspect interaction data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    p = data_sub.add_parser("prepare", help="raw log (CSV/Parquet) -> k-core -> sequences + vocabulary")
-    p.add_argument("log", help="CSV (.csv, .tsv, .csv.gz) or Parquet file with user, item, timestamp columns")
+    p = data_sub.add_parser(
+        "prepare", help="raw log (CSV/Parquet) or event archive -> k-core -> sequences + vocabulary"
+    )
+    p.add_argument(
+        "log",
+        help="CSV (.csv, .tsv, .csv.gz) or Parquet file with user, item, timestamp columns, or an event "
+        "archive (the folder or URL given to `mqsa events archive --to`)",
+    )
     p.add_argument("--out", required=True, help="output directory")
     if full("data", "prepare"):  # pandas: only for this subcommand (export-events runs without it)
         from mqsa.training.prepare import PrepareConfig
@@ -196,17 +251,7 @@ def _add_data(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> Non
     p.set_defaults(func=_data_synth)
     p = data_sub.add_parser("export-events", help="the service's event stream in Redis -> raw log CSV")
     p.add_argument("--out", required=True, help="CSV file to write")
-    p.add_argument("--redis-url", default=None, help="default: $MQSA_REDIS_URL or redis://127.0.0.1:6379/0")
-    p.add_argument("--prefix", default=os.environ.get("MQSA_REDIS_PREFIX", "mqsa"), help="MQSA_REDIS_PREFIX")
-    p.add_argument(
-        "--stream-shards",
-        type=int,
-        default=int(os.environ.get("MQSA_STREAM_SHARDS", "16")),
-        help="the service's MQSA_STREAM_SHARDS (default 16)",
-    )
-    p.add_argument(
-        "--cluster", action="store_true", help="the URL names a Redis Cluster node (MQSA_REDIS_CLUSTER)"
-    )
+    _add_redis_flags(p)
     p.set_defaults(func=_data_export_events)
     p = data_sub.add_parser("stats", help="users, items, actions, lengths, density")
     p.add_argument("path", help="sequence file")
@@ -357,6 +402,7 @@ def build_parser(argv_head: Sequence[str] | None = None) -> argparse.ArgumentPar
     sub = parser.add_subparsers(dest="command", required=True)
     adders = (
         _add_data,
+        _add_events,
         _add_train,
         _add_export,
         _add_serve,

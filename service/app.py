@@ -188,4 +188,5 @@ def _store(settings: Settings, redis: Any) -> HistoryStore:
         ack=settings.ack,
         ack_replicas=settings.ack_replicas,
         ack_timeout_ms=settings.ack_timeout_ms,
+        stream_archive=settings.stream_archive,
     )

@@ -47,6 +47,12 @@ class Metrics:
             "with maxmemory-policy noeviction, /events answers 503 once it reaches 1",
             registry=self.registry,
         )
+        self.archive_backlog = Gauge(
+            "mqsa_archive_backlog_events",
+            "With MQSA_STREAM_ARCHIVE: events in Redis not yet archived, at the last /readyz "
+            "(growing: the archiver is behind or stopped; nothing is dropped, Redis memory grows)",
+            registry=self.registry,
+        )
         self.model = Gauge(
             "mqsa_model_info", "The served model version (value 1)", ["version"], registry=self.registry
         )

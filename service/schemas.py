@@ -245,6 +245,11 @@ class ReadyOut(BaseModel):
         None, description="memory pressure, for a look (alert on the mqsa_redis_memory_used_ratio metric)"
     )
     catalogue_version: int | None = Field(None, description="the catalogue version this worker has applied")
+    archive_backlog: int | None = Field(
+        None,
+        description="with MQSA_STREAM_ARCHIVE: events in Redis not yet archived by `mqsa events "
+        "archive` (alert on the mqsa_archive_backlog_events metric); it does not decide readiness",
+    )
 
 
 class FieldError(BaseModel):

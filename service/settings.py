@@ -45,8 +45,12 @@ class Settings(BaseSettings):
         dedup_window_seconds: an event id is remembered this long for de-duplication.
         dedup_cap: the most event ids remembered per user (the newest); up to 128 the set
             keeps Redis's compact encoding.
-        stream_maxlen: approximate bound of the event streams together.
+        stream_maxlen: approximate bound of the event streams together (unused with
+            `stream_archive`).
         stream_shards: buckets (hash-tag slots, one stream each) users are spread over.
+        stream_archive: `mqsa events archive` keeps the events: the service never trims the
+            streams (the archiver removes what it has stored), so no event is lost before it
+            is archived; `/readyz` and `mqsa_archive_backlog_events` say how many wait.
         ack: when `/events` answers: memory, once Redis has applied the events; disk, once
             they are also in Redis's append-only file on disk (service/durability.py).
         ack_replicas: also wait until this many replicas have the events.
@@ -87,6 +91,7 @@ class Settings(BaseSettings):
     dedup_cap: int = Field(128, ge=1, le=1_000_000)
     stream_maxlen: int = Field(1_000_000, ge=1000)
     stream_shards: int = Field(16, ge=1, le=16384)
+    stream_archive: bool = False
     ack: Literal["memory", "disk"] = "memory"
     ack_replicas: int = Field(0, ge=0, le=16)
     ack_timeout_ms: int = Field(200, ge=1, le=60_000)

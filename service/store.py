@@ -12,7 +12,9 @@ Keys, for a prefix ``p`` (default ``mqsa``) and the user's bucket
 * ``p:{b<b>}:events`` – the bucket's STREAM of every accepted event (fields
   ``user_id``, ``item_id``, ``timestamp``, ``event_id``), capped near
   ``stream_maxlen / stream_shards``; :mod:`mqsa.service.event_log` exports all the
-  buckets' streams as the raw log that training reads.
+  buckets' streams as the raw log that training reads. With ``stream_archive`` the
+  service never trims them: the archiver (:mod:`mqsa.service.archive`) removes what it
+  has stored durably, so no event is dropped before it is archived.
 
 All three keys carry the bucket's hash tag ``{b<b>}``, so a user's keys and the
 stream the script appends to live in one slot: the script runs on Redis
@@ -72,7 +74,7 @@ from mqsa.errors import ConfigError, StoreUnavailable
 from mqsa.service.durability import AckPlan, AckPolicy, plan, version_of
 
 # KEYS: items list, event-id zset, stream.
-# ARGV: user_id, history_cap, ttl_seconds, stream_maxlen, dedup_cap, now_ms, window_ms, then
+# ARGV: user_id, history_cap, ttl_seconds, stream_maxlen (0: never trim), dedup_cap, now_ms, window_ms, then
 #       (item_id, timestamp, event_id, dedup_key) per event, event_id and dedup_key '' when absent.
 # Returns one flag per event: 1 accepted, 0 duplicate.
 log = logging.getLogger("mqsa.service")
@@ -112,8 +114,12 @@ for i = 8, #ARGV, 4 do
   end
   if fresh == 1 then
     redis.call('RPUSH', items, item)
-    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
-      'user_id', user_id, 'item_id', item, 'timestamp', ts, 'event_id', eid)
+    if maxlen == '0' then  -- archived streams: only the archiver trims, what it has stored
+      redis.call('XADD', stream, '*', 'user_id', user_id, 'item_id', item, 'timestamp', ts, 'event_id', eid)
+    else
+      redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
+        'user_id', user_id, 'item_id', item, 'timestamp', ts, 'event_id', eid)
+    end
   end
   flags[#flags + 1] = fresh
 end
@@ -291,6 +297,8 @@ class HistoryStore:
         ack: "memory" or "disk": when ``append`` returns (``service/durability.py``).
         ack_replicas: also wait for this many replicas.
         ack_timeout_ms: the longest wait for the disk or the replicas.
+        stream_archive: never trim the streams (``mqsa events archive`` trims what it has
+            archived); ``stream_maxlen`` is then unused.
 
     Raises:
         ValueError: for a cap, TTL, window, length or shard count below 1, or a prefix with braces.
@@ -309,6 +317,7 @@ class HistoryStore:
         ack: str = "memory",
         ack_replicas: int = 0,
         ack_timeout_ms: int = 200,
+        stream_archive: bool = False,
     ) -> None:
         limits = {"history_cap": history_cap, "ttl_seconds": ttl_seconds, "stream_maxlen": stream_maxlen}
         limits |= {"dedup_window_seconds": dedup_window_seconds, "dedup_cap": dedup_cap}
@@ -322,7 +331,8 @@ class HistoryStore:
         self.history_cap = int(history_cap)
         self.ttl_seconds = int(ttl_seconds)
         self.stream_maxlen = int(stream_maxlen)
-        self._shard_maxlen = max(1, self.stream_maxlen // max(1, int(stream_shards)))
+        self.stream_archive = bool(stream_archive)
+        self._shard_maxlen = 0 if stream_archive else max(1, self.stream_maxlen // max(1, int(stream_shards)))
         self.dedup_window_ms = int(dedup_window_seconds) * 1000
         self.dedup_cap = int(dedup_cap)
         self.stream_shards = int(stream_shards)
@@ -347,6 +357,23 @@ class HistoryStore:
     def stream_key_for(self, user_id: str) -> str:
         """The stream of the user's bucket: ``{prefix}:{b<bucket>}:events``."""
         return f"{self._tagged(user_id)}:events"
+
+    async def unarchived(self) -> int:
+        """Events not yet archived, over every bucket's stream.
+
+        With ``stream_archive`` a stream holds exactly what the archiver has not
+        acknowledged yet (it trims what it has stored), so this is the sum of the
+        streams' lengths, O(1) each.
+
+        Raises:
+            StoreUnavailable: when Redis fails.
+        """
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in self.stream_keys:
+                    pipe.xlen(key)
+                lengths = await pipe.execute()
+        return sum(int(n) for n in lengths)
 
     async def check_durability(self) -> AckPlan | None:
         """Choose how to keep the ack policy on this server; None if Redis does not answer now.

@@ -1,5 +1,9 @@
 """Raw interaction log -> k-core -> time-ordered user sequences.
 
+The log is a CSV or Parquet file, or the service's event archive (``mqsa events
+archive``: a folder or fsspec URL of date-partitioned Parquet files), of which
+``since``/``until`` choose a window.
+
 Writes, into the output folder:
 
 * ``sequences.txt``: the text format of :mod:`mqsa.training.sequences`; users are
@@ -11,8 +15,12 @@ Writes, into the output folder:
 
 from __future__ import annotations
 
+import math
+import re
+import time
 import warnings
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +48,10 @@ class PrepareConfig:
         time_col: the log's column of timestamps.
         max_skipped_fraction: rows that cannot be used (an empty id, a bad timestamp) are
             skipped and reported; more than this share of the file is an error.
+        since: only events from this time on: unix seconds, an ISO-8601 date or time (UTC
+            unless it has a zone), or a span before now (90d, 12h, 2w). Of an event archive
+            only the days from then on are read.
+        until: only events before this time (the same forms).
     """
 
     k: int = 5
@@ -48,6 +60,8 @@ class PrepareConfig:
     item_col: str = "item_id"
     time_col: str = "timestamp"
     max_skipped_fraction: float = 0.01
+    since: str | None = None
+    until: str | None = None
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -86,8 +100,16 @@ def read_log(
     item_col: str = "item_id",
     time_col: str = "timestamp",
     max_skipped_fraction: float = 0.0,
+    since: float | None = None,
+    until: float | None = None,
 ) -> Log:
-    """Read an interaction log: CSV (``.csv``, ``.tsv``, either ``.gz``) or Parquet (``.parquet``, ``.pq``).
+    """Read an interaction log: CSV (``.csv``, ``.tsv``, either ``.gz``), Parquet (``.parquet``,
+    ``.pq``) or an event archive (a folder or fsspec URL written by ``mqsa events archive``).
+
+    ``since``/``until`` (seconds) keep the rows in ``[since, until)``; the others are
+    left out, not counted as skipped. Of an archive, only the three columns and the day
+    partitions from ``since``'s day on are read (a day is when the service received the
+    events, never before their timestamp unless a client's clock runs ahead).
 
     Timestamps may be numbers (kept as they are) or ISO-8601 strings (converted to
     seconds since the epoch; times without a zone are taken as UTC). Rows that cannot
@@ -100,8 +122,11 @@ def read_log(
             first few) for a missing file, an unknown extension, an unreadable or empty
             file, missing columns, or more unusable rows than ``max_skipped_fraction``.
     """
-    path = Path(path)
-    raw, is_csv = _read_table(path)
+    if is_archive(path):
+        raw, is_csv = read_archive(str(path), since), False
+    else:
+        path = Path(path)
+        raw, is_csv = _read_table(path)
     missing = [c for c in (user_col, item_col, time_col) if c not in raw.columns]
     if missing:
         raise DataError(f"missing column(s) {missing}; the file has columns {list(raw.columns)}", path)
@@ -128,7 +153,82 @@ def read_log(
             path,
         )
     frame = pd.DataFrame({"user_id": ids[user_col], "item_id": ids[item_col], "timestamp": times})
-    return Log(frame=frame[usable].reset_index(drop=True), rows=rows, skipped=skipped, sample=sample)
+    frame = frame[usable]
+    if since is not None:
+        frame = frame[frame["timestamp"] >= since]
+    if until is not None:
+        frame = frame[frame["timestamp"] < until]
+    if len(frame) == 0 and (since is not None or until is not None):
+        raise DataError("no event in the window (since/until)", path)
+    return Log(frame=frame.reset_index(drop=True), rows=rows, skipped=skipped, sample=sample)
+
+
+SPAN_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_time(text: str, relative_to: float | None = None, name: str = "since") -> float:
+    """A moment in seconds: unix seconds, an ISO-8601 date or time (UTC unless it has a zone),
+    or a span before ``relative_to`` (default: now): ``90d``, ``12h``, ``30m``, ``45s``, ``2w``.
+
+    Raises:
+        ConfigError: anything else, naming ``name``.
+    """
+    text = str(text).strip()
+    span = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw])", text)
+    if span:
+        return (time.time() if relative_to is None else relative_to) - float(span[1]) * SPAN_UNITS[span[2]]
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if math.isfinite(value):
+        return value
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            f"{name} {text!r} is neither unix seconds, an ISO-8601 date nor a span such as 90d, 12h or 30m"
+        ) from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def is_archive(path: str | Path) -> bool:
+    """An event archive: a URL (``s3://…``, ``memory://…``) or a local folder."""
+    return "://" in str(path) or Path(path).is_dir()
+
+
+ARCHIVE_COLUMNS = ["user_id", "item_id", "timestamp"]
+
+
+def read_archive(url: str, since: float | None = None) -> pd.DataFrame:
+    """The archive's user, item and timestamp columns, of the days from ``since``'s on.
+
+    Rows come file by file: day, then stream, then stream id, so each user's events
+    keep the order the service took them in.
+
+    Raises:
+        DataError: no such archive, no Parquet file in it, or a file it cannot read.
+    """
+    import fsspec
+    import pyarrow.dataset as ds
+
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+        if not fs.isdir(root):
+            raise DataError("no such archive folder", url)
+        dataset = ds.dataset(root, filesystem=fs, format="parquet", partitioning="hive")
+        if not dataset.files:
+            raise DataError("the archive holds no Parquet file", url)
+        where = None
+        if since is not None and "date" in dataset.schema.names:
+            day = pd.Timestamp(since, unit="s", tz="UTC").strftime("%Y-%m-%d")
+            where = ds.field("date") >= day
+        table = dataset.to_table(columns=ARCHIVE_COLUMNS, filter=where)
+    except (OSError, ValueError, ImportError) as exc:  # pyarrow's errors are ValueErrors or OSErrors
+        raise DataError(f"cannot read the archive: {exc}", url) from exc
+    if table.num_rows == 0:
+        raise DataError("the archive holds no event in the window", url)
+    return table.to_pandas()
 
 
 def _note(reasons: pd.Series, mask: np.ndarray, reason: str) -> None:
@@ -246,7 +346,13 @@ def prepare(
     """
     config = config or PrepareConfig()
     k = config.k
-    read = read_log(log_path, config.user_col, config.item_col, config.time_col, config.max_skipped_fraction)
+    since, until = (
+        None if text is None else parse_time(text, name=f"--{name}")
+        for name, text in (("since", config.since), ("until", config.until))
+    )
+    read = read_log(
+        log_path, config.user_col, config.item_col, config.time_col, config.max_skipped_fraction, since, until
+    )
     log = read.frame
     kept = kcore(log, k, user_k=max(k, MIN_LENGTH))
     dropped_short = 0 if k >= MIN_LENGTH else kcore(log, k)["user_id"].nunique() - kept["user_id"].nunique()
@@ -266,6 +372,7 @@ def prepare(
         "k": k,
         "raw_rows": read.rows,
         "rows_skipped": read.skipped,
+        "window": {"since": since, "until": until},
         "skipped_sample": read.sample,
         "users_before": log["user_id"].nunique(),
         "items_before": log["item_id"].nunique(),

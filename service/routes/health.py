@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from mqsa.errors import StoreUnavailable
 from mqsa.service.deps import MetricsDep, RegistryDep, StoreDep, requires
 from mqsa.service.keys import Scope
 from mqsa.service.routes import KEY_ERRORS, errors
@@ -40,12 +41,20 @@ async def readyz(
         ratio = used / limit if limit else 0.0
         metrics.redis_memory.set(ratio)
         redis_memory = RedisMemory(used_bytes=used, max_bytes=limit, used_ratio=ratio)
+    backlog = None
+    if checks["redis"] and store.stream_archive:
+        try:
+            backlog = await store.unarchived()
+            metrics.archive_backlog.set(backlog)
+        except StoreUnavailable:  # Redis went away since the ping: the check above already says so
+            pass
     body = ReadyOut(
         status="ready" if ready else "not_ready",
         checks=checks,
         model_version=registry.bundle.model_version if registry.loaded else None,
         redis_memory=redis_memory,
         catalogue_version=follower.version if follower.loaded else None,
+        archive_backlog=backlog,
     )
     return JSONResponse(status_code=200 if ready else 503, content=body.model_dump())
 

@@ -630,6 +630,27 @@ def test_training_writes_the_next_bundle_to_the_pvc(base: dict, key: tuple[str, 
         assert job["spec"].get("suspend") is True, "`kubectl apply -k` must not start a training run"
 
 
+def test_one_archiver_keeps_every_event_on_its_volume(base: dict) -> None:
+    """The service trims nothing (MQSA_STREAM_ARCHIVE), so exactly one archiver must run: one
+    replica, never two at once during a rollout, writing where its volume is mounted."""
+    assert base["ConfigMap", CONFIGMAP]["data"]["MQSA_STREAM_ARCHIVE"] == "true"
+    archiver = base["Deployment", "mqsa-archiver"]
+    assert archiver["spec"]["replicas"] == 1
+    assert archiver["spec"]["strategy"] == {"type": "Recreate"}
+    container = _the_container(archiver)
+    assert container["image"].partition(":")[0].endswith("mqsa-trainer"), "pyarrow lives in the trainer image"
+    env = {name: e["value"] for name, e in _env(container).items() if "value" in e}
+    env.update(base["ConfigMap", CONFIGMAP]["data"])
+    (line,) = [line.removeprefix("exec ") for line in _script(container).splitlines()]
+    command = _parse_mqsa(line, env)
+    assert (command.command, command.events_command, command.once) == ("events", "archive", False)
+    assert command.prefix == env["MQSA_REDIS_PREFIX"]
+    (mount,) = [m for m in container["volumeMounts"] if command.to.startswith(m["mountPath"])]
+    volumes = {v["name"]: v for v in _pod_spec(archiver)["volumes"]}
+    assert volumes[mount["name"]]["persistentVolumeClaim"] == {"claimName": "mqsa-archive"}
+    assert _env(container)["MQSA_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == SECRET
+
+
 def test_every_pod_meets_the_restricted_pod_security_standard() -> None:
     """The production namespace enforces `restricted`; any pod that breaks it would be refused."""
     (namespace,) = [obj for obj in render(PRODUCTION) if obj["kind"] == "Namespace"]
@@ -683,7 +704,7 @@ def test_the_alert_rules_watch_metrics_the_service_exports() -> None:
     rules = yaml.safe_load((ROOT / "deploy" / "monitoring" / "prometheus-rules.yaml").read_text())
     exported = Metrics().render().decode()
     alerts = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
-    assert set(alerts) == {"MqsaRedisMemoryHigh", "MqsaEventsUnavailable"}
+    assert set(alerts) == {"MqsaRedisMemoryHigh", "MqsaEventsUnavailable", "MqsaArchiveBehind"}
     for rule in alerts.values():
         names = set(re.findall(r"\b(mqsa_[a-z_]+)", rule["expr"]))
         assert names and all(f"# TYPE {n.removesuffix('_count')} " in exported for n in names), names

@@ -100,6 +100,7 @@ def test_prepare_formats_and_cascade(tmp_path, name: str) -> None:
         "k": 3,
         "raw_rows": 15,
         "rows_skipped": 0,
+        "window": {"since": None, "until": None},
         "skipped_sample": [],
         "users_before": 5,
         "items_before": 4,
@@ -221,3 +222,28 @@ def test_prepare_too_few_users(tmp_path) -> None:
     with pytest.raises(DataError, match=r"too few users left after 3-core filtering: 3 \(need at least 5\)"):
         prepare(tmp_path / "log.csv", tmp_path / "out", PrepareConfig(k=3, min_users=5))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("1700000000", 1_700_000_000.0),
+        ("2026-11-30", 1_795_996_800.0),
+        ("2026-11-30T01:00:00+01:00", 1_795_996_800.0),
+        ("90d", 1_000_000.0 - 90 * 86400),
+        ("12h", 1_000_000.0 - 12 * 3600),
+        ("2w", 1_000_000.0 - 14 * 86400),
+    ],
+)
+def test_parse_time_takes_seconds_dates_and_spans(text, seconds) -> None:
+    from mqsa.training.prepare import parse_time
+
+    assert parse_time(text, relative_to=1_000_000.0) == seconds
+
+
+def test_parse_time_names_the_flag_it_refuses() -> None:
+    from mqsa.errors import ConfigError
+    from mqsa.training.prepare import parse_time
+
+    with pytest.raises(ConfigError, match="--since 'yesterday' is neither"):
+        parse_time("yesterday", name="--since")
