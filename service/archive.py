@@ -69,7 +69,7 @@ log = logging.getLogger("mqsa.archive")
 
 GROUP = "archive"
 CONSUMER = "archiver"
-KNOWN_FIELDS = ("user_id", "item_id", "timestamp", "event_id")
+KNOWN_FIELDS = frozenset({"user_id", "item_id", "timestamp", "event_id"})
 SCHEMA = pa.schema(
     [
         ("user_id", pa.string()),
@@ -111,22 +111,26 @@ def to_table(stream_key: str, entries: list[Entry]) -> pa.Table:
 
     A timestamp that is not a number becomes null, and its text is kept in ``extra``.
     """
-    columns: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
-    for stream_id, fields in entries:
-        rest = {k: v for k, v in fields.items() if k not in KNOWN_FIELDS}
+    fields = [f for _, f in entries]
+    stamps, extra = [], []
+    for f in fields:
+        rest = {k: f[k] for k in f.keys() - KNOWN_FIELDS}
         try:
-            stamp: float | None = float(fields["timestamp"])
+            stamps.append(float(f["timestamp"]))
         except (KeyError, ValueError):
-            stamp = None
-            if "timestamp" in fields:
-                rest["timestamp"] = fields["timestamp"]
-        columns["user_id"].append(fields.get("user_id"))
-        columns["item_id"].append(fields.get("item_id"))
-        columns["timestamp"].append(stamp)
-        columns["event_id"].append(fields.get("event_id") or None)
-        columns["stream"].append(stream_key)
-        columns["stream_id"].append(stream_id)
-        columns["extra"].append(json.dumps(rest, sort_keys=True) if rest else None)
+            stamps.append(None)
+            if "timestamp" in f:
+                rest["timestamp"] = f["timestamp"]
+        extra.append(json.dumps(rest, sort_keys=True) if rest else None)
+    columns = {
+        "user_id": [f.get("user_id") for f in fields],
+        "item_id": [f.get("item_id") for f in fields],
+        "timestamp": stamps,
+        "event_id": [f.get("event_id") or None for f in fields],
+        "stream": [stream_key] * len(entries),
+        "stream_id": [i for i, _ in entries],
+        "extra": extra,
+    }
     return pa.table(columns, schema=SCHEMA)
 
 
@@ -283,6 +287,8 @@ class Archiver:
             log.warning("%d pending entries of %s were deleted before they were archived", len(gone), key)
             with redis_errors():
                 await self.redis.xack(key, GROUP, *gone)
+        if isinstance(entries[0][0], str):  # decode_responses=True, as connect() makes it
+            return [(i, f) for i, f in entries if f]
         return [(_text(i), {_text(k): _text(v) for k, v in f.items()}) for i, f in entries if f]
 
     async def _recover(self, key: str, entries: list[Entry], result: PassResult) -> None:
@@ -300,8 +306,12 @@ class Archiver:
     async def _store(self, key: str, entries: list[Entry], result: PassResult) -> None:
         """One file per day the entries span (in id order), then acknowledge and trim."""
         days: dict[str, list[Entry]] = {}
+        day_ms, run_day, run = 86_400_000, -1, []  # ids ascend: a new day starts a new run
         for entry in entries:
-            days.setdefault(day_of(entry[0]), []).append(entry)
+            day = int(entry[0].partition("-")[0]) // day_ms
+            if day != run_day:
+                run_day, run = day, days.setdefault(day_of(entry[0]), [])
+            run.append(entry)
         tag = stream_tag(key)
         for day, run in days.items():
             name = f"{tag}_{run[0][0]}_{run[-1][0]}.parquet"
