@@ -201,6 +201,10 @@ def _events_archive(args: argparse.Namespace) -> None:
     from mqsa.service.archive import run_archiver
     from mqsa.service.store import stream_keys
 
+    if not args.once:  # a daemon: its progress and its recoveries go to the log
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     url, cluster = _redis_of(args)
     streams = stream_keys(args.prefix, args.stream_shards)
     poll = None if args.once else args.poll_seconds

@@ -237,15 +237,21 @@ class Archiver:
             await self.archive_stream(key, result)
         return result
 
-    async def run(self, poll_seconds: float, stop: asyncio.Event) -> None:
-        """Pass after pass until ``stop`` is set, resting ``poll_seconds`` after a pass that found nothing."""
+    async def run(self, poll_seconds: float, stop: asyncio.Event) -> PassResult:
+        """Pass after pass until ``stop`` is set, resting ``poll_seconds`` after a pass that found
+        nothing; returns what all passes did together."""
+        total = PassResult()
         while not stop.is_set():
             result = await self.run_once()
+            total.archived += result.archived
+            total.already += result.already
+            total.files += result.files
             if result.archived or result.already:
                 log.info("archived %d events in %d files", result.archived, result.files)
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), poll_seconds)
+        return total
 
     async def archive_stream(self, key: str, result: PassResult) -> None:
         """Archive one stream: its pending entries once after start, then new ones until none is left."""
@@ -356,7 +362,7 @@ def run_archiver(
         cluster: ``url`` names a Redis Cluster node.
 
     Returns:
-        What the last pass did (with ``poll_seconds`` None: everything archived).
+        What the passes did together.
 
     Raises:
         DataError: the archive cannot be opened.
@@ -377,8 +383,7 @@ def run_archiver(
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
             log.info("archiving %d streams to %s", len(streams), to)
-            await archiver.run(poll_seconds, stop)
-            return PassResult()
+            return await archiver.run(poll_seconds, stop)
         finally:
             await client.aclose()
 
