@@ -107,9 +107,7 @@ def read_log(
     ``.pq``) or an event archive (a folder or fsspec URL written by ``mqsa events archive``).
 
     ``since``/``until`` (seconds) keep the rows in ``[since, until)``; the others are
-    left out, not counted as skipped. Of an archive, only the three columns and the day
-    partitions from ``since``'s day on are read (a day is when the service received the
-    events, never before their timestamp unless a client's clock runs ahead).
+    left out, not counted as skipped (of an archive, see :func:`read_archive`).
 
     Timestamps may be numbers (kept as they are) or ISO-8601 strings (converted to
     seconds since the epoch; times without a zone are taken as UTC). Rows that cannot
@@ -153,14 +151,22 @@ def read_log(
             path,
         )
     frame = pd.DataFrame({"user_id": ids[user_col], "item_id": ids[item_col], "timestamp": times})
-    frame = frame[usable]
-    if since is not None:
-        frame = frame[frame["timestamp"] >= since]
-    if until is not None:
-        frame = frame[frame["timestamp"] < until]
-    if len(frame) == 0 and (since is not None or until is not None):
-        raise DataError("no event in the window (since/until)", path)
+    frame = _window(frame[usable], since, until, path)
     return Log(frame=frame.reset_index(drop=True), rows=rows, skipped=skipped, sample=sample)
+
+
+def _window(frame: pd.DataFrame, since: float | None, until: float | None, path: str | Path) -> pd.DataFrame:
+    """The rows with ``since <= timestamp < until`` (either bound may be None)."""
+    if since is None and until is None:
+        return frame
+    keep = np.ones(len(frame), dtype=bool)
+    if since is not None:
+        keep &= (frame["timestamp"] >= since).to_numpy()
+    if until is not None:
+        keep &= (frame["timestamp"] < until).to_numpy()
+    if not keep.any():
+        raise DataError("no event in the window (since/until)", path)
+    return frame[keep]
 
 
 SPAN_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -201,7 +207,9 @@ ARCHIVE_COLUMNS = ["user_id", "item_id", "timestamp"]
 
 
 def read_archive(url: str, since: float | None = None) -> pd.DataFrame:
-    """The archive's user, item and timestamp columns, of the days from ``since``'s on.
+    """The archive's user, item and timestamp columns, of the days from ``since``'s on (a day
+    is when the service received the events: never before their timestamp, unless a
+    client's clock runs ahead).
 
     Rows come file by file: day, then stream, then stream id, so each user's events
     keep the order the service took them in.
@@ -280,8 +288,9 @@ def _seconds(col: pd.Series) -> tuple[pd.Series, np.ndarray, str]:
         return pd.Series(values), ~np.isfinite(values), "missing or infinite timestamp {value!r}"
     text = col.astype(str).str.strip()
     numbers = pd.to_numeric(text, errors="coerce").to_numpy(dtype=float)
-    dates = pd.to_datetime(text, format="ISO8601", utc=True, errors="coerce")
-    from_dates = ((dates - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(dtype=float)
+    from_dates = np.full(len(text), np.nan)
+    words = ~np.isfinite(numbers)  # "1000" is a number, never the year 1000
+    from_dates[words] = _iso_seconds(text[words])
     first_number, first_date = _first(np.isfinite(numbers)), _first(np.isfinite(from_dates))
     if first_number is not None and (
         first_date is None or first_number <= first_date
@@ -296,6 +305,15 @@ def _seconds(col: pd.Series) -> tuple[pd.Series, np.ndarray, str]:
         ~np.isfinite(from_dates),
         "timestamp {value!r} is neither a number nor an ISO-8601 date",
     )
+
+
+def _iso_seconds(text: pd.Series) -> np.ndarray:
+    """ISO-8601 texts to seconds since the epoch (NaN where not a date); any year pandas reads."""
+    dates = pd.to_datetime(text, format="ISO8601", utc=True, errors="coerce")
+    naive = dates.dt.tz_localize(None).to_numpy()  # UTC, datetime64 in pandas' unit for these dates
+    seconds = naive.astype("datetime64[ms]").astype(np.int64) / 1000.0  # ms: years 1000 and 3000 alike
+    seconds[np.isnat(naive)] = np.nan
+    return seconds
 
 
 def _first(mask: np.ndarray) -> int | None:

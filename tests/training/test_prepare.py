@@ -247,3 +247,18 @@ def test_parse_time_names_the_flag_it_refuses() -> None:
 
     with pytest.raises(ConfigError, match="--since 'yesterday' is neither"):
         parse_time("yesterday", name="--since")
+
+
+def test_small_numbers_are_seconds_and_old_dates_are_dates(tmp_path) -> None:
+    """ "1000" is a number of seconds, not the year 1000 (pandas once raised OutOfBoundsDatetime
+    on it), and a date outside pandas' nanosecond years still converts."""
+    numbers = tmp_path / "numbers.csv"
+    pd.DataFrame({"user_id": ["a", "b"], "item_id": ["x", "y"], "timestamp": ["1000", "1001"]}).to_csv(
+        numbers, index=False
+    )
+    assert list(read_log(numbers).frame["timestamp"]) == [1000.0, 1001.0]
+    dates = tmp_path / "dates.csv"
+    pd.DataFrame(
+        {"user_id": ["a", "b"], "item_id": ["x", "y"], "timestamp": ["1000-01-01", "1970-01-02"]}
+    ).to_csv(dates, index=False)
+    assert list(read_log(dates).frame["timestamp"]) == [-30_610_224_000.0, 86_400.0]
