@@ -7,17 +7,22 @@
     mqsa events archive --to URL [--once]
     mqsa train --data PATH --out DIR [one flag per MQSAConfig and TrainConfig field]
     mqsa evaluate --checkpoint CKPT --data PATH
+    mqsa evaluate --holdout LOG --holdout-since T MODEL [MODEL ...]   (checkpoints or bundles)
     mqsa export --checkpoint CKPT --out DIR [one flag per ExportConfig field]
     mqsa serve --bundle DIR
     mqsa demo
     mqsa keys new --scopes read,write
+    mqsa promote CANDIDATE --bundles ROOT --holdout LOG --holdout-since T [--tolerance 0.01 ...]
+    mqsa rollback --bundles ROOT
+    mqsa versions --bundles ROOT
 
 The settings flags are made from the config dataclasses (``mqsa.flags``): their
 defaults and help have one source. Those of ``train`` and ``export`` need torch and
 those of ``data prepare`` and ``data synth`` pandas, so each is added only when its
 subcommand runs (``mqsa serve`` and ``mqsa data export-events`` need neither).
 The project's own errors (``mqsa.errors.MQSAError``) are printed in one line with
-exit code 2; anything else keeps its traceback.
+their exit code (2; 3 for a candidate the quality gate refused); anything else keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -86,6 +91,10 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    if args.holdout or args.models:
+        return _evaluate_holdout(args)
+    if not (args.checkpoint and args.data):
+        raise ConfigError("evaluate needs --checkpoint and --data, or --holdout, --holdout-since and models")
     from mqsa.training.evaluation import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.data)
@@ -96,6 +105,55 @@ def _evaluate(args: argparse.Namespace) -> None:
 
         print(results_table(result, "test"))
         print(results_table(result, "valid"))
+
+
+def _evaluate_holdout(args: argparse.Namespace) -> None:
+    from mqsa.training.holdout import evaluate_on_holdout, holdout_table
+
+    if not (args.holdout and args.holdout_since and args.models):
+        raise ConfigError("a holdout evaluation needs --holdout, --holdout-since and one or more models")
+    if args.checkpoint or args.data:
+        raise ConfigError("name the models after the flags (not --checkpoint/--data) on a holdout")
+    result = evaluate_on_holdout(args.holdout, args.holdout_since, args.models)
+    print(json.dumps(result, indent=2) if args.json else holdout_table(result))
+
+
+def _promote(args: argparse.Namespace) -> None:
+    from mqsa.errors import PromotionRefused
+    from mqsa.training.holdout import holdout_table
+    from mqsa.training.promote import Gate, promote
+
+    gate = Gate(**flags.values(args, Gate))
+    outcome = promote(args.candidate, args.bundles, args.holdout, args.holdout_since, gate)
+    print(json.dumps(outcome.report, indent=2) if args.json else holdout_table(outcome.report))
+    if not outcome.promoted:
+        serving = outcome.serving or "nothing"
+        raise PromotionRefused(
+            f"refused {outcome.candidate}: {'; '.join(outcome.reasons)}; still serving {serving} "
+            f"(report: {outcome.report_path})"
+        )
+    pruned = f"; removed old versions {', '.join(outcome.removed)}" if outcome.removed else ""
+    was = outcome.serving or "nothing"
+    print(f"promoted: {args.bundles}/current -> versions/{outcome.candidate} (was {was}){pruned}")
+
+
+def _rollback(args: argparse.Namespace) -> None:
+    from mqsa.service.versions import rollback
+
+    was, now = rollback(args.bundles, os.environ.get("MQSA_BUNDLE_HMAC_KEY") or None)
+    print(f"rolled back: {args.bundles}/current -> versions/{now} (was {was})")
+
+
+def _versions(args: argparse.Namespace) -> None:
+    from mqsa.service.versions import list_versions
+
+    rows = list_versions(args.bundles)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        served = row["last_served"] or "never"
+        print(f"{row['version']:<18} {row['role']:<9} created {row['created_at']}  last served {served}")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -336,10 +394,43 @@ def _add_keys(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> Non
 
 def _add_evaluate(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> None:
     e = sub.add_parser("evaluate", help="full-ranking HR/NDCG@5/10/20 of a checkpoint, with baselines")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--data", required=True, help="the sequence file it was trained on")
+    e.add_argument("--checkpoint", help="leave-one-out: the checkpoint (with --data)")
+    e.add_argument("--data", help="leave-one-out: the sequence file it was trained on")
+    e.add_argument("models", nargs="*", help="on a holdout: checkpoints (.pt) or bundle directories")
+    _add_holdout_flags(e, required=False)
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=_evaluate)
+
+
+def _add_holdout_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument(
+        "--holdout", required=required, help="raw log (CSV/Parquet: user_id, item_id, timestamp) or archive"
+    )
+    p.add_argument(
+        "--holdout-since",
+        required=required,
+        help="the holdout: every event at or after this (unix seconds, ISO date, 7d/12h before the newest)",
+    )
+
+
+def _add_versions(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> None:
+    p = sub.add_parser("promote", help="serve a bundle only if it beats the serving one on a recent holdout")
+    p.add_argument("candidate", help="the bundle directory `mqsa export` wrote")
+    p.add_argument("--bundles", required=True, help="the bundle root: versions/, current, history.json")
+    _add_holdout_flags(p, required=True)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    if full("promote"):  # torch and pandas: only for this subcommand
+        from mqsa.training.promote import Gate
+
+        flags.add_flags(p, Gate)
+    p.set_defaults(func=_promote)
+    r = sub.add_parser("rollback", help="switch ROOT/current back to the version before it")
+    r.add_argument("--bundles", required=True, help="the bundle root")
+    r.set_defaults(func=_rollback)
+    v = sub.add_parser("versions", help="the bundle versions kept under ROOT, the current one marked")
+    v.add_argument("--bundles", required=True, help="the bundle root")
+    v.add_argument("--json", action="store_true", help="print JSON")
+    v.set_defaults(func=_versions)
 
 
 README_MARKERS = ("<!-- settings: generated by `make readme-settings` -->", "<!-- settings: end -->")
@@ -414,6 +505,7 @@ def build_parser(argv_head: Sequence[str] | None = None) -> argparse.ArgumentPar
         _add_catalogue,
         _add_keys,
         _add_evaluate,
+        _add_versions,
     )
     for add in adders:
         add(sub, full)

@@ -1,11 +1,14 @@
 """The errors the project raises on purpose, for a user to read and act on.
 
-    MQSAError                 the base; the CLI prints its message in one line and exits 2
+    MQSAError                 the base; the CLI prints its message in one line and exits with
+                              its ``exit_code``: 2 unless the class says otherwise
     ├── ConfigError           a setting is out of range or inconsistent (model, training,
     │                         export or service settings)
     ├── DataError             an input file is missing, malformed or in the way; the message
     │                         names the file and, where it applies, the line
     ├── ResumeError           ``last.pt`` is missing, unreadable or from other settings or data
+    ├── PromotionRefused      exit 3: the quality gate refused a candidate bundle (``mqsa
+    │                         promote``); the serving version is unchanged
     └── ServiceError          raised by the HTTP service; each carries its HTTP status
         ├── Unauthorized      401  a missing or wrong API key
         ├── Forbidden         403  a valid API key without the scope the route needs
@@ -54,6 +57,16 @@ class DataError(MQSAError, ValueError):
 
 class ResumeError(MQSAError, ValueError):
     """``last.pt`` is missing, unreadable or from a run with other settings or data."""
+
+
+class PromotionRefused(MQSAError):
+    """The candidate bundle did not pass the quality gate; the serving version is unchanged.
+
+    Exit code 3, so a scheduled job can tell a refused night (the model was not good
+    enough) from a broken one (exit 2: bad input; 1: a crash).
+    """
+
+    exit_code = 3
 
 
 class ServiceError(MQSAError):

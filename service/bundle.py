@@ -252,10 +252,13 @@ def load_bundle(
         faiss_threads: OpenMP threads FAISS may use (process-wide).
         hmac_key: when given, the manifest must be signed with it.
 
+    A link (``ROOT/current``) is followed once, first: every file is read from the
+    version it named then, so a switch during the load cannot mix two versions' files.
+
     Raises:
         BundleError: the bundle fails verification or cannot be loaded.
     """
-    path = Path(path)
+    path = _followed(Path(path))
     manifest = verify_bundle(path, hmac_key)
     encoder = _open_encoder(path, onnx_threads)
     index = _open_index(path, manifest, faiss_threads)
@@ -272,6 +275,14 @@ def load_bundle(
     )
     _check_consistent(bundle)
     return bundle
+
+
+def _followed(path: Path) -> Path:
+    """``path`` with every link in it resolved (once)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as exc:  # a loop of links, a name too long
+        raise BundleError(f"{path}: cannot follow the path ({exc})") from exc
 
 
 def _open_encoder(path: Path, threads: int) -> Any:

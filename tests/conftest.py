@@ -64,3 +64,27 @@ def second_bundle_dir(trained_run: dict[str, Any], bundle_root: Path) -> Path:
     out = bundle_root / "next"
     export_bundle(trained_run["dir"] / "best.pt", out, ExportConfig(index="hnsw"))
     return out
+
+
+HOLDOUT_CUT = 1_700_000_000  # each user's last event of `holdout_log` is at this second
+
+
+@pytest.fixture(scope="session")
+def holdout_log(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The synthetic data as a raw log whose most recent window holds each user's last item (the
+    leave-one-out test item, which training never saw): ``{"log": path, "since": str(cut)}``."""
+    import pandas as pd
+
+    from mqsa.training.sequences import read_sequences
+    from mqsa.training.vocabulary import vocabulary_for
+
+    data = read_sequences(synthetic_data)
+    vocab = vocabulary_for(synthetic_data, data.num_items)
+    rows = [
+        (f"u{u}", vocab.item_ids[i], HOLDOUT_CUT + 60 * (j - len(seq) + 1))
+        for u, seq in enumerate(data.sequences)
+        for j, i in enumerate(seq)
+    ]
+    path = tmp_path_factory.mktemp("holdout") / "log.csv"
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(path, index=False)
+    return {"log": path, "since": str(HOLDOUT_CUT)}

@@ -76,7 +76,20 @@ def test_help_lists_every_subcommand_with_its_help() -> None:
     assert result.returncode == 0
     subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     listed = {choice.dest: choice.help for choice in subcommands._choices_actions}
-    assert set(listed) == {"data", "train", "export", "serve", "demo", "catalogue", "keys", "evaluate"}
+    assert set(listed) == {
+        "data",
+        "events",
+        "train",
+        "export",
+        "serve",
+        "demo",
+        "catalogue",
+        "keys",
+        "evaluate",
+        "promote",
+        "rollback",
+        "versions",
+    }
     shown = " ".join(result.stdout.split())  # argparse wraps long lines
     for name, text in listed.items():  # the usage line names them too: check each one's help line
         assert f" {name} {text}" in shown, name
@@ -144,13 +157,15 @@ def test_an_error_that_is_not_the_users_keeps_its_traceback(tmp_path, monkeypatc
     assert "Traceback" in result.stderr and "RuntimeError: CUDA error" in result.stderr
 
 
-def test_every_project_error_is_an_mqsa_error_with_exit_code_2() -> None:
+def test_every_project_error_is_an_mqsa_error_with_exit_code_2_but_a_refusal() -> None:
+    """Exit 2 for every mistake; 3 only for a candidate the quality gate refused (`mqsa promote`)."""
     from mqsa import errors
 
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Exception)]
     assert {c.__name__ for c in classes} >= {"DataError", "ConfigError", "ResumeError", "BundleError"}
     for cls in classes:
-        assert issubclass(cls, errors.MQSAError) and cls.exit_code == 2, cls
+        assert issubclass(cls, errors.MQSAError), cls
+        assert cls.exit_code == (3 if cls is errors.PromotionRefused else 2), cls
         assert cls.__name__ in errors.__doc__  # the tree in the docstring names every class
     service = [c for c in classes if issubclass(c, errors.ServiceError) and c is not errors.ServiceError]
     assert {c.__name__: c.status_code for c in service} == {
