@@ -49,6 +49,7 @@ class RunState:
         numpy_rng: the batch-order generator's ``bit_generator.state``.
         torch_rng: torch's CPU generator state.
         cuda_rng: every CUDA generator's state, or None without CUDA.
+        warm_start: what ``--init-from`` did (``training.warm_start``), None without it.
     """
 
     epoch: int
@@ -64,6 +65,7 @@ class RunState:
     numpy_rng: dict[str, Any]
     torch_rng: torch.Tensor
     cuda_rng: list[torch.Tensor] | None
+    warm_start: dict[str, Any] | None = None
 
 
 def capture_rng(rng: np.random.Generator) -> dict[str, Any]:

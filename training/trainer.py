@@ -49,6 +49,7 @@ from mqsa.training.sequences import (
 )
 from mqsa.training.transitions import TransitionGraph
 from mqsa.training.vocabulary import Vocabulary, vocabulary_for
+from mqsa.training.warm_start import load_warm_start_checkpoint, warm_start
 
 
 @dataclass
@@ -76,6 +77,10 @@ class TrainConfig:
         precision: fp32, or bf16 for the N-way products.
         threads: CPU threads for torch (0 = torch's default).
         chunk: rows per chunk of the fused softmax.
+        init_from: a checkpoint (an older run's best.pt) to warm-start from: items it
+            knows keep their rows (matched by external id), new items start from their
+            transition neighbours' rows (else the mean row), the rest of the network is
+            copied; a resumed run keeps its own weights (none or empty: from scratch).
     """
 
     epochs: int = 200
@@ -93,6 +98,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     threads: int = 0
     chunk: int = 256
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_every", "time_span", "chunk"):
@@ -280,6 +286,7 @@ class Trainer:
         self.stale = 0  # evaluations since the best one
         self.train_seconds, self.earlier_wall_seconds = 0.0, 0.0
         self.resumed_at: list[int] = []
+        self.warm_start: dict[str, Any] | None = None  # what --init-from did, when given
         self.started = time.perf_counter()
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
@@ -290,8 +297,13 @@ class Trainer:
 
         Raises:
             ResumeError: ``resume`` without a usable ``last.pt`` for these settings and data.
+            DataError, ConfigError: ``init_from`` names no usable checkpoint, or another network.
         """
-        first_epoch = self._resume() + 1 if resume else 1
+        if resume:
+            first_epoch = self._resume() + 1
+        else:
+            self._warm_start()
+            first_epoch = 1
         last_epoch = first_epoch - 1 if self._out_of_patience() else self.config.epochs
         for epoch in range(first_epoch, last_epoch + 1):
             row = self._train_epoch(epoch)
@@ -320,7 +332,19 @@ class Trainer:
         )
         self.train_seconds, self.earlier_wall_seconds = state.train_seconds, state.wall_seconds
         self.resumed_at = [*state.resumed_at, state.epoch]
+        self.warm_start = state.warm_start
         return state.epoch
+
+    def _warm_start(self) -> None:
+        """Start from ``config.init_from``'s weights (``training.warm_start``), if given."""
+        if not self.config.init_from:
+            return
+        old = load_warm_start_checkpoint(self.config.init_from)
+        self.warm_start = warm_start(self.model, old, self.data.vocab.item_ids, self.data.graph).to_dict()
+        self.best_state = copy.deepcopy(self.model.state_dict())
+        if self.progress:
+            counts = ", ".join(f"{k} {v}" for k, v in self.warm_start.items() if k != "source")
+            print(f"warm start from {old.path}: {counts}", flush=True)
 
     def _out_of_patience(self) -> bool:
         return bool(self.config.patience and self.stale >= self.config.patience)
@@ -396,6 +420,7 @@ class Trainer:
             train_seconds=self.train_seconds,
             wall_seconds=self._wall_seconds(),
             resumed_at=self.resumed_at,
+            warm_start=self.warm_start,
             **capture_rng(self.rng),
         )
         save_run_state(self.out_dir / "last.pt", state, self._fingerprint())
@@ -453,6 +478,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "wall_seconds": self._wall_seconds(),
             "resumed_at": self.resumed_at,
+            "warm_start": self.warm_start,
             "distributed": {"world_size": self.world.size, "replica_checksums": replica_checksums},
         }
 
