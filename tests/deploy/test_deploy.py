@@ -571,11 +571,16 @@ def test_redis_clients_are_allowed_through_the_network_policy(base: dict) -> Non
         ]
         clients = (
             base["Deployment", SERVICE]["spec"]["template"],
-            base["CronJob", "mqsa-train-nightly"]["spec"]["jobTemplate"]["spec"]["template"],
+            base["Deployment", "mqsa-archiver"]["spec"]["template"],
         )
         for template in clients:
             labels = template["metadata"]["labels"]
             assert any(sel.items() <= labels.items() for sel in allowed), f"{labels} cannot reach Redis"
+        trainer = base["CronJob", "mqsa-train-nightly"]["spec"]["jobTemplate"]["spec"]["template"]
+        labels = trainer["metadata"]["labels"]
+        assert not any(sel.items() <= labels.items() for sel in allowed), (
+            "training reads the archive, not Redis"
+        )
 
 
 def _script(container: dict[str, Any]) -> str:
@@ -589,41 +594,49 @@ def _mqsa_lines(script: str) -> list[str]:
 
 
 @pytest.mark.parametrize("key", [("Job", "mqsa-train"), ("CronJob", "mqsa-train-nightly")])
-def test_training_writes_the_next_bundle_to_the_pvc(base: dict, key: tuple[str, str]) -> None:
+def test_training_goes_through_the_gate_never_straight_into_current(base: dict, key: tuple[str, str]) -> None:
+    """Both jobs train, export a candidate into their work folder and let `mqsa promote` decide;
+    none writes /bundles/current itself (a bad night would go live unchecked)."""
     job = base[key]
     container = _the_container(job)
     assert container["image"].partition(":")[0].endswith("mqsa-trainer")
     volumes = {v["name"]: v for v in _pod_spec(job)["volumes"]}
-    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/bundles"]
-    assert not mount.get("readOnly"), "the job writes bundles"
-    assert volumes[mount["name"]]["persistentVolumeClaim"] == {"claimName": BUNDLES_PVC}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert not mounts["/bundles"].get("readOnly"), "the job writes bundles"
+    assert volumes[mounts["/bundles"]["name"]]["persistentVolumeClaim"] == {"claimName": BUNDLES_PVC}
+    assert mounts["/archive"]["readOnly"], "training reads the archive, never writes it"
+    assert volumes[mounts["/archive"]["name"]]["persistentVolumeClaim"] == {"claimName": "mqsa-archive"}
     assert _pod_spec(job)["restartPolicy"] == "Never"
 
     script = _script(container)
     if shutil.which("sh"):
         syntax = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True, timeout=30)
         assert syntax.returncode == 0, syntax.stderr
-    assert script.lstrip().startswith("set -eu"), "a failed step must stop the job before the export"
+    assert script.lstrip().startswith("set -eu"), "a failed step must stop the job before the promotion"
+    assert "/bundles/current" not in script
     env = {name: e["value"] for name, e in _env(container).items() if "value" in e}
     env.update(base["ConfigMap", CONFIGMAP]["data"])
     commands = [_parse_mqsa(line, env) for line in _mqsa_lines(script)]
     steps = [c.command if c.command != "data" else f"data {c.data_command}" for c in commands]
-    expected = ["train", "export"]
+    expected = ["train", "export", "promote"]
     if key[0] == "CronJob":
-        expected = ["data export-events", "data prepare", *expected]
+        expected = ["data prepare", *expected]
     assert steps == expected
     for command in commands:
         for path in (getattr(command, "out", None), getattr(command, "data", None)):
             if isinstance(path, str) and path.startswith("/"):
-                assert path.startswith("/bundles/"), f"{path} is not on the bundles volume"
-    train, export = commands[-2], commands[-1]
-    assert export.out == "/bundles/current" and export.force
+                assert path.startswith("/bundles/work/"), f"{path} is not in the work folder"
+    train, export, promote = commands[-3:]
     assert export.checkpoint == f"{train.out}/best.pt", "export the checkpoint that was just trained"
+    assert promote.candidate == export.out and promote.bundles == "/bundles"
+    assert promote.holdout == env["ARCHIVE_URL"] == "/archive"
     if key[0] == "CronJob":
-        export_events, prepare = commands[0], commands[1]
-        assert prepare.log == export_events.out
+        prepare = commands[0]
+        assert prepare.log == env["ARCHIVE_URL"] and prepare.until == promote.holdout_since, (
+            "train on events before the cut, judge on the events after it"
+        )
         assert train.data == f"{prepare.out}/sequences.txt"
-        assert _env(container)["MQSA_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == SECRET
+        assert "--init-from" in script and "MQSA_REDIS_URL" not in _env(container)
         assert job["spec"]["concurrencyPolicy"] == "Forbid"
         assert len(job["spec"]["schedule"].split()) == 5
     else:
