@@ -21,18 +21,23 @@ Exactly once, whatever the crash point (:meth:`Archiver.archive_stream`):
    ``fsync``, rename, ``fsync`` of the folder; object stores: one PUT, which is atomic);
 3. ``XACK`` them, then trim the stream below the group's oldest pending entry.
 
-A crash before 2 leaves the entries pending: the next start reads them again
-(``XREADGROUP … 0``). A crash between 2 and 3 leaves a file *and* pending entries:
-the next start finds the stream's newest archived id in the file names of the
-partitions from the oldest pending entry's day on, acknowledges the entries up to it
-without writing them again, and archives the rest. Files of a stream are written in
-id order, so "up to the newest archived id" is exact.
+A crash before 2 leaves the entries pending: every pass first reads this consumer's
+pending entries (``XREADGROUP … 0``) before new ones. A crash between 2 and 3 leaves a
+file *and* pending entries: the pass lists the files of the partitions from the oldest
+pending entry's day on, acknowledges the pending entries that lie inside some file's id
+range (a file holds every entry between its first and last id) without writing them
+again, and archives the rest.
+
+That is exactly once across crashes of the archiver. A Redis that comes back with
+older state (an AOF ``everysec`` restart, a failover to a lagging replica) may deliver
+entries again that a file already holds; readers drop such copies by
+``(stream, stream_id)`` (``training/prepare.py``, ``read_archive``).
 
 The service trims nothing while ``MQSA_STREAM_ARCHIVE`` is on (``service/store.py``):
 only the archiver removes entries, and only acknowledged ones. If the archiver falls
 behind or stops, the streams grow (bounded by Redis's ``maxmemory``; with
 ``noeviction`` /events then answers 503) and ``/readyz`` and the
-``mqsa_archive_backlog_entries`` metric say how many events wait. Run one archiver per
+``mqsa_archive_backlog_events`` metric say how many events wait. Run one archiver per
 deployment (``deploy/base/archiver-deployment.yaml``: one replica, ``Recreate``).
 
 Never imports torch, ``models`` or ``training``; needs pyarrow and fsspec (the
@@ -62,7 +67,7 @@ import redis.asyncio as aioredis
 from fsspec.implementations.local import LocalFileSystem
 from redis import exceptions as redis_exceptions
 
-from mqsa.errors import DataError
+from mqsa.errors import ConfigError, DataError
 from mqsa.service.store import redis_errors
 
 log = logging.getLogger("mqsa.archive")
@@ -151,7 +156,10 @@ class ArchiveSink:
             raise DataError(f"cannot open the archive: {exc}", url) from exc
         self.url = url
         self.local = isinstance(self.fs, LocalFileSystem)
-        self.fs.makedirs(self.root, exist_ok=True)
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+        except OSError as exc:
+            raise DataError(f"cannot write the archive here: {exc.strerror or exc}", url) from exc
 
     def path(self, day: str, name: str = "") -> str:
         return f"{self.root.rstrip('/')}/date={day}" + (f"/{name}" if name else "")
@@ -179,20 +187,25 @@ class ArchiveSink:
             os.close(fd)
         return path
 
-    def newest_archived(self, tag: str, since_day: str) -> str | None:
-        """The highest stream id archived for stream ``tag`` in the partitions from ``since_day`` on."""
-        newest: str | None = None
-        for folder in self.fs.ls(self.root, detail=False):
+    def archived_ranges(self, tag: str, since_day: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """The (first, last) stream ids of stream ``tag``'s files in the partitions from ``since_day``
+        on. A file holds every entry of the stream between its first and last id."""
+        ranges = []
+        for folder in self._ls(self.root):
             day = folder.rstrip("/").rsplit("/", 1)[-1].removeprefix("date=")
             if not folder.rstrip("/").endswith(f"date={day}") or day < since_day:
                 continue
-            for path in self.fs.ls(folder, detail=False):
+            for path in self._ls(folder):
                 match = FILE_NAME.match(path.rsplit("/", 1)[-1])
                 if match and match["tag"] == tag:
-                    last = match["last"]
-                    if newest is None or stream_id_key(last) > stream_id_key(newest):
-                        newest = last
-        return newest
+                    ranges.append((stream_id_key(match["first"]), stream_id_key(match["last"])))
+        return ranges
+
+    def _ls(self, folder: str) -> list[str]:
+        try:
+            return self.fs.ls(folder, detail=False)
+        except FileNotFoundError:  # object stores: an empty prefix does not exist
+            return []
 
 
 @dataclass
@@ -225,16 +238,17 @@ class Archiver:
         on_written: Callable[[str], None] | None = None,
     ) -> None:
         if batch < 1:
-            raise ValueError(f"batch must be at least 1, got {batch!r}")
+            raise ConfigError(f"--batch must be at least 1, got {batch!r}")
         self.redis, self.streams, self.sink, self.batch = redis, list(streams), sink, batch
         self.on_written = on_written
-        self._recovered: set[str] = set()  # streams whose pending entries were checked since start
+        self._grouped: set[str] = set()  # streams whose group this process has made sure of
 
-    async def run_once(self) -> PassResult:
-        """Archive everything in every stream now (pending entries first), then return."""
+    async def run_once(self, stop: asyncio.Event | None = None) -> PassResult:
+        """Archive everything in every stream now (pending entries first), then return; with
+        ``stop``, return after the batch under way once it is set."""
         result = PassResult()
         for key in self.streams:
-            await self.archive_stream(key, result)
+            await self.archive_stream(key, result, stop)
         return result
 
     async def run(self, poll_seconds: float, stop: asyncio.Event) -> PassResult:
@@ -242,7 +256,7 @@ class Archiver:
         nothing; returns what all passes did together."""
         total = PassResult()
         while not stop.is_set():
-            result = await self.run_once()
+            result = await self.run_once(stop)
             total.archived += result.archived
             total.already += result.already
             total.files += result.files
@@ -253,15 +267,16 @@ class Archiver:
                 await asyncio.wait_for(stop.wait(), poll_seconds)
         return total
 
-    async def archive_stream(self, key: str, result: PassResult) -> None:
-        """Archive one stream: its pending entries once after start, then new ones until none is left."""
-        if key not in self._recovered:
+    async def archive_stream(self, key: str, result: PassResult, stop: asyncio.Event | None = None) -> None:
+        """Archive one stream: its pending entries (left by a crash, or by a failover to a replica
+        that missed an acknowledgement), then new ones until none is left or ``stop`` is set."""
+        if key not in self._grouped:
             await self._ensure_group(key)
-            while (entries := await self._read(key, "0")) is not None:
-                if entries:
-                    await self._recover(key, entries, result)
-            self._recovered.add(key)
-        while entries := await self._read(key, ">"):
+            self._grouped.add(key)
+        while (entries := await self._read(key, "0")) is not None:
+            if entries:
+                await self._recover(key, entries, result)
+        while not (stop and stop.is_set()) and (entries := await self._read(key, ">")):
             await self._store(key, entries, result)
 
     async def _ensure_group(self, key: str) -> None:
@@ -298,14 +313,17 @@ class Archiver:
         return [(_text(i), {_text(k): _text(v) for k, v in f.items()}) for i, f in entries if f]
 
     async def _recover(self, key: str, entries: list[Entry], result: PassResult) -> None:
-        """Pending entries after a restart: acknowledge those already in a file, store the rest."""
-        newest = await asyncio.to_thread(self.sink.newest_archived, stream_tag(key), day_of(entries[0][0]))
-        done = [e for e in entries if newest is not None and stream_id_key(e[0]) <= stream_id_key(newest)]
+        """Pending entries (a crash, a failover): acknowledge those a file already holds, store the
+        rest. Held means inside some file's id range, not below the newest id: an entry another
+        process left pending below a newer file was never written."""
+        ranges = await asyncio.to_thread(self.sink.archived_ranges, stream_tag(key), day_of(entries[0][0]))
+        held = [any(lo <= stream_id_key(i) <= hi for lo, hi in ranges) for i, _ in entries]
+        done = [i for (i, _), h in zip(entries, held, strict=True) if h]
         if done:
             log.info("%d pending entries of %s were archived before a crash", len(done), key)
-            await self._ack(key, [i for i, _ in done])
+            await self._ack(key, done)
             result.already += len(done)
-        rest = entries[len(done) :]
+        rest = [e for e, h in zip(entries, held, strict=True) if not h]
         if rest:
             await self._store(key, rest, result)
 

@@ -182,20 +182,28 @@ def parse_time(text: str, relative_to: float | None = None, name: str = "since")
     text = str(text).strip()
     span = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw])", text)
     if span:
-        return (time.time() if relative_to is None else relative_to) - float(span[1]) * SPAN_UNITS[span[2]]
+        seconds = (time.time() if relative_to is None else relative_to) - float(span[1]) * SPAN_UNITS[span[2]]
+        return _in_range(seconds, text, name)
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if math.isfinite(value):
-        return value
+        return _in_range(value, text, name)
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise ConfigError(
             f"{name} {text!r} is neither unix seconds, an ISO-8601 date nor a span such as 90d, 12h or 30m"
         ) from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    return _in_range((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp(), text, name)
+
+
+def _in_range(seconds: float, text: str, name: str) -> float:
+    """``seconds`` if it is a time between the years 1 and 9999, else a ConfigError naming ``name``."""
+    if not -62_135_596_800 <= seconds <= 253_402_300_799:
+        raise ConfigError(f"{name} {text!r} is not a time between the years 1 and 9999")
+    return seconds
 
 
 def is_archive(path: str | Path) -> bool:
@@ -204,6 +212,7 @@ def is_archive(path: str | Path) -> bool:
 
 
 ARCHIVE_COLUMNS = ["user_id", "item_id", "timestamp"]
+ARCHIVE_KEY = ["stream", "stream_id"]  # one entry of one stream: copies share it
 
 
 def read_archive(url: str, since: float | None = None) -> pd.DataFrame:
@@ -212,10 +221,13 @@ def read_archive(url: str, since: float | None = None) -> pd.DataFrame:
     client's clock runs ahead).
 
     Rows come file by file: day, then stream, then stream id, so each user's events
-    keep the order the service took them in.
+    keep the order the service took them in. An entry stored twice (a Redis that came
+    back with older state delivered it again) is read once: copies share their
+    ``(stream, stream_id)``.
 
     Raises:
-        DataError: no such archive, no Parquet file in it, or a file it cannot read.
+        DataError: no such archive, no Parquet file in it (a folder is read as an
+            event archive), or a file it cannot read.
     """
     import fsspec
     import pyarrow.dataset as ds
@@ -226,17 +238,19 @@ def read_archive(url: str, since: float | None = None) -> pd.DataFrame:
             raise DataError("no such archive folder", url)
         dataset = ds.dataset(root, filesystem=fs, format="parquet", partitioning="hive")
         if not dataset.files:
-            raise DataError("the archive holds no Parquet file", url)
+            raise DataError("the archive holds no Parquet file (a folder is read as an event archive)", url)
         where = None
         if since is not None and "date" in dataset.schema.names:
-            day = pd.Timestamp(since, unit="s", tz="UTC").strftime("%Y-%m-%d")
-            where = ds.field("date") >= day
-        table = dataset.to_table(columns=ARCHIVE_COLUMNS, filter=where)
+            where = ds.field("date") >= datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%d")
+        table = dataset.to_table(columns=[*ARCHIVE_COLUMNS, *ARCHIVE_KEY], filter=where)
+    except DataError:
+        raise
     except (OSError, ValueError, ImportError) as exc:  # pyarrow's errors are ValueErrors or OSErrors
-        raise DataError(f"cannot read the archive: {exc}", url) from exc
+        raise DataError(f"cannot read the archive (a folder is read as Parquet files): {exc}", url) from exc
     if table.num_rows == 0:
         raise DataError("the archive holds no event in the window", url)
-    return table.to_pandas()
+    frame = table.to_pandas()
+    return frame[~frame.duplicated(ARCHIVE_KEY)][ARCHIVE_COLUMNS].reset_index(drop=True)
 
 
 def _note(reasons: pd.Series, mask: np.ndarray, reason: str) -> None:

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from mqsa.cli import main as cli_main
 from mqsa.service.app import create_app
-from mqsa.service.archive import Archiver, ArchiveSink, stream_tag
+from mqsa.service.archive import Archiver, ArchiveSink, PassResult, stream_tag
 from mqsa.service.settings import Settings
 from mqsa.service.store import Event, HistoryStore, connect, stream_keys
 
@@ -330,3 +330,97 @@ def test_prepare_names_a_bad_archive(tmp_path):
         prepare(tmp_path / "empty", tmp_path / "out", PrepareConfig(k=1))
     with pytest.raises(DataError, match="no such archive"):
         prepare("file://" + str(tmp_path / "missing"), tmp_path / "out", PrepareConfig(k=1))
+
+
+def read_as_archiver(url: str, key: str, count: int) -> list[str]:
+    """Take ``count`` new entries as the consumer `archiver` (as another archiver process would)
+    and leave them pending; returns their ids."""
+    client = sync_redis.Redis.from_url(url, decode_responses=True)
+    try:
+        reply = client.xreadgroup("archive", "archiver", {key: ">"}, count=count)
+        return [entry_id for entry_id, _ in reply[0][1]]
+    finally:
+        client.close()
+
+
+def test_entries_another_archiver_left_pending_below_a_newer_file_are_stored_not_dropped(
+    redis_url, key_prefix, tmp_path
+):
+    """Process A takes three entries and dies before writing; process B archives the newer ones.
+    A file newer than A's entries must not make them count as archived: they are stored."""
+    append(redis_url, key_prefix, events(6), shards=1)
+    archive_once(redis_url, key_prefix, str(tmp_path), shards=1)  # creates the group; stores e0..e5
+    append(redis_url, key_prefix, events(6, start=6), shards=1)
+    key = stream_keys(key_prefix, 1)[0]
+    taken = read_as_archiver(redis_url, key, 3)  # A: e6..e8 pending, never written
+
+    async def b_pass():  # B reads only new entries, as a process that has not looked back yet
+        client = connect(redis_url, timeout_seconds=3.0)
+        try:
+            archiver = Archiver(client, [key], ArchiveSink(str(tmp_path)))
+            result = PassResult()
+            while entries := await archiver._read(key, ">"):
+                await archiver._store(key, entries, result)
+        finally:
+            await client.aclose()
+
+    asyncio.run(b_pass())
+    assert len(taken) == 3
+    archive_once(redis_url, key_prefix, str(tmp_path), shards=1)  # A restarts
+    ids = sorted(r["event_id"] for r in rows_in(tmp_path))
+    assert ids == sorted(f"e{i}" for i in range(12))
+    assert stream_lengths(redis_url, key_prefix, shards=1) == 0
+
+
+def test_pending_entries_that_appear_while_running_are_archived_by_the_next_pass(
+    redis_url, key_prefix, tmp_path
+):
+    """A failover to a replica that missed an XACK leaves entries pending behind a running
+    archiver: each pass reads pending entries first, so they are stored and the trim goes on."""
+    append(redis_url, key_prefix, events(4), shards=1)
+    key = stream_keys(key_prefix, 1)[0]
+
+    async def two_passes() -> None:
+        client = connect(redis_url, timeout_seconds=3.0)
+        try:
+            archiver = Archiver(client, [key], ArchiveSink(str(tmp_path)))
+            await archiver.run_once()
+            await asyncio.to_thread(append, redis_url, key_prefix, events(5, start=4), 1)
+            read_as_archiver(redis_url, key, 2)  # left pending by "someone"
+            await archiver.run_once()
+        finally:
+            await client.aclose()
+
+    asyncio.run(two_passes())
+    assert sorted(r["event_id"] for r in rows_in(tmp_path)) == sorted(f"e{i}" for i in range(9))
+    assert stream_lengths(redis_url, key_prefix, shards=1) == 0
+
+
+def test_an_entry_stored_twice_is_read_once(redis_url, key_prefix, tmp_path):
+    """A Redis that came back with older state delivers entries again that a file holds; the
+    reader drops the copies by (stream, stream_id)."""
+    from mqsa.training.prepare import read_log
+
+    append(redis_url, key_prefix, events(6), shards=1)
+    archive_once(redis_url, key_prefix, str(tmp_path / "a"), shards=1)
+    (path,) = (tmp_path / "a").rglob("*.parquet")
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    day = path.parent.name.removeprefix("date=")
+    ids = table.column("stream_id").to_pylist()
+    tag = stream_tag(stream_keys(key_prefix, 1)[0])
+    ArchiveSink(str(tmp_path / "a")).write(
+        day, f"{tag}_{ids[2]}_{ids[5]}.parquet", table.slice(2)
+    )  # overlapping
+    assert len(rows_in(tmp_path / "a")) == 10
+    assert len(read_log(tmp_path / "a").frame) == 6
+
+
+def test_bad_archiver_settings_are_one_line_errors(redis_url, key_prefix, tmp_path, capsys):
+    base = ["events", "archive", "--once", "--redis-url", redis_url, "--prefix", key_prefix]
+    assert cli_main([*base, "--to", str(tmp_path), "--batch", "0"]) == 2
+    assert "--batch must be at least 1" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert cli_main([*base, "--to", str(tmp_path / "file" / "archive")]) == 2
+    assert "cannot write the archive here" in capsys.readouterr().err

@@ -262,3 +262,12 @@ def test_small_numbers_are_seconds_and_old_dates_are_dates(tmp_path) -> None:
         {"user_id": ["a", "b"], "item_id": ["x", "y"], "timestamp": ["1000-01-01", "1970-01-02"]}
     ).to_csv(dates, index=False)
     assert list(read_log(dates).frame["timestamp"]) == [-30_610_224_000.0, 86_400.0]
+
+
+@pytest.mark.parametrize("text", ["1e20", "3000000d", "-1e15"])
+def test_parse_time_refuses_times_outside_the_calendar(text) -> None:
+    from mqsa.errors import ConfigError
+    from mqsa.training.prepare import parse_time
+
+    with pytest.raises(ConfigError, match="--since .* is not a time between the years 1 and 9999"):
+        parse_time(text, name="--since")
