@@ -613,7 +613,9 @@ def test_training_goes_through_the_gate_never_straight_into_current(base: dict, 
         syntax = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True, timeout=30)
         assert syntax.returncode == 0, syntax.stderr
     assert script.lstrip().startswith("set -eu"), "a failed step must stop the job before the promotion"
-    assert "/bundles/current" not in script
+    assert not re.search(r"(--out|\bcp|\bmv|\bln|\brm)\b[^\n]*/bundles/current", script), (
+        "only promote switches it"
+    )
     env = {name: e["value"] for name, e in _env(container).items() if "value" in e}
     env.update(base["ConfigMap", CONFIGMAP]["data"])
     commands = [_parse_mqsa(line, env) for line in _mqsa_lines(script)]
@@ -637,10 +639,15 @@ def test_training_goes_through_the_gate_never_straight_into_current(base: dict, 
         )
         assert train.data == f"{prepare.out}/sequences.txt"
         assert "--init-from" in script and "MQSA_REDIS_URL" not in _env(container)
+        assert "trap " in script, "old nights are pruned whatever tonight's outcome"
         assert job["spec"]["concurrencyPolicy"] == "Forbid"
         assert len(job["spec"]["schedule"].split()) == 5
     else:
         assert job["spec"].get("suspend") is True, "`kubectl apply -k` must not start a training run"
+    spec = job["spec"]["jobTemplate"]["spec"] if key[0] == "CronJob" else job["spec"]
+    (rule,) = spec["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [3], "a refusal is not retried"
+    assert rule["onExitCodes"]["containerName"] == container["name"]
 
 
 def test_one_archiver_keeps_every_event_on_its_volume(base: dict) -> None:

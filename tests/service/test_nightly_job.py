@@ -84,19 +84,22 @@ def test_two_nights_of_the_cronjob_script(redis_url, key_prefix, tmp_path) -> No
     assert "promoted" in first.stdout and "(was nothing)" in first.stdout  # only the baselines to beat
     serving = (bundles / "current").resolve()
     assert serving.parent == bundles / "versions"
-    assert (bundles / "work" / "serving.pt").is_file()
+    checkpoint = bundles / "work" / "checkpoints" / f"{serving.name}.pt"
+    assert checkpoint.is_file(), "the serving version's checkpoint, for tomorrow's warm start"
 
     time.sleep(1.1)  # the work folders are named by the second
     second = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=600)
     nights = sorted(p for p in (bundles / "work").iterdir() if p.name.startswith("2"))
     assert len(nights) == 2
     metrics = json.loads((nights[1] / "train" / "metrics.json").read_text())
-    assert metrics["warm_start"]["source"] == str(bundles / "work" / "serving.pt")
+    assert metrics["warm_start"]["source"] == str(checkpoint)
     assert metrics["warm_start"]["kept"] > 0
     assert "serving" in second.stdout, "the candidate is judged against the serving model"
     if second.returncode == 0:  # promoted: current moved on, the previous version is kept
         assert (bundles / "current").resolve() != serving and serving.is_dir()
+        assert len(list((bundles / "work" / "checkpoints").glob("*.pt"))) == 2
     else:  # refused: exit 3, the report beside the candidate, current untouched
         assert second.returncode == 3, second.stderr
         assert (nights[1] / "bundle.promotion.json").is_file()
         assert (bundles / "current").resolve() == serving
+        assert [p.name for p in (bundles / "work" / "checkpoints").glob("*.pt")] == [checkpoint.name]
