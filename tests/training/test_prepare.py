@@ -269,5 +269,5 @@ def test_parse_time_refuses_times_outside_the_calendar(text) -> None:
     from mqsa.errors import ConfigError
     from mqsa.training.prepare import parse_time
 
-    with pytest.raises(ConfigError, match="--since .* is not a time between the years 1 and 9999"):
+    with pytest.raises(ConfigError, match=r"--since .* is not a time between the years 1 and 9999"):
         parse_time(text, name="--since")
