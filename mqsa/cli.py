@@ -114,7 +114,7 @@ def _evaluate_holdout(args: argparse.Namespace) -> None:
         raise ConfigError("a holdout evaluation needs --holdout, --holdout-since and one or more models")
     if args.checkpoint or args.data:
         raise ConfigError("name the models after the flags (not --checkpoint/--data) on a holdout")
-    result = evaluate_on_holdout(args.holdout, args.holdout_since, args.models)
+    result = evaluate_on_holdout(args.holdout, args.holdout_since, args.models, context=args.holdout_context)
     print(json.dumps(result, indent=2) if args.json else holdout_table(result))
 
 
@@ -124,7 +124,9 @@ def _promote(args: argparse.Namespace) -> None:
     from mqsa.training.promote import Gate, promote
 
     gate = Gate(**flags.values(args, Gate))
-    outcome = promote(args.candidate, args.bundles, args.holdout, args.holdout_since, gate)
+    outcome = promote(
+        args.candidate, args.bundles, args.holdout, args.holdout_since, gate, context=args.holdout_context
+    )
     print(json.dumps(outcome.report, indent=2) if args.json else holdout_table(outcome.report))
     if not outcome.promoted:
         serving = outcome.serving or "nothing"
@@ -410,6 +412,12 @@ def _add_holdout_flags(p: argparse.ArgumentParser, required: bool) -> None:
         "--holdout-since",
         required=required,
         help="the holdout: every event at or after this (unix seconds, ISO date, 7d/12h before the newest)",
+    )
+    p.add_argument(
+        "--holdout-context",
+        default=None,
+        help="read only the events from this time on (90d before now, an ISO date, unix seconds): "
+        "contexts and baselines from that window; bounds the memory of reading an archive (default: all)",
     )
 
 

@@ -121,10 +121,16 @@ def make_holdout(frame: pd.DataFrame, cut: float, where: str | Path = "the log")
     )
 
 
-def read_holdout(log: str | Path, since: str) -> Holdout:
+def read_holdout(log: str | Path, since: str, context: str | None = None) -> Holdout:
     """A raw log (CSV, Parquet, or an event archive: what ``read_log`` reads) cut at ``since``:
-    unix seconds, an ISO-8601 date or time, or a span before the newest event (``7d``, ``12h``)."""
-    frame = read_log(log, max_skipped_fraction=SKIPPABLE_ROWS).frame
+    unix seconds, an ISO-8601 date or time, or a span before the newest event (``7d``, ``12h``).
+
+    ``context`` (the same forms, a span counted back from now) drops the events before it:
+    users' contexts and the baselines then come from that window only, and of an archive
+    only its days are read, so memory stays bounded as the archive grows.
+    """
+    lower = None if context is None else parse_time(context, name="--holdout-context")
+    frame = read_log(log, max_skipped_fraction=SKIPPABLE_ROWS, since=lower).frame
     cut = parse_time(since, relative_to=float(frame["timestamp"].max()), name="--holdout-since")
     return make_holdout(frame, cut, log)
 
@@ -304,7 +310,11 @@ def evaluate_holdout(holdout: Holdout, scorers: list[Scorer], baselines: bool = 
 
 
 def evaluate_on_holdout(
-    log: str | Path, since: str, models: Sequence[str | Path], labels: Sequence[str] | None = None
+    log: str | Path,
+    since: str,
+    models: Sequence[str | Path],
+    labels: Sequence[str] | None = None,
+    context: str | None = None,
 ) -> dict[str, Any]:
     """``mqsa evaluate --holdout LOG --holdout-since T A [B ...]``: models side by side on one holdout.
 
@@ -317,7 +327,7 @@ def evaluate_on_holdout(
     if len(set(labels)) != len(labels):
         raise ConfigError(f"each model needs its own label, got {labels}")
     scorers = [load_scorer(m, label) for m, label in zip(models, labels, strict=True)]  # fail fast
-    holdout = read_holdout(log, since)
+    holdout = read_holdout(log, since, context)
     result = evaluate_holdout(holdout, scorers)
     result["holdout"]["log"] = str(log)
     return result

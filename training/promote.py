@@ -105,7 +105,12 @@ def decide(result: dict[str, Any], gate: Gate, has_serving: bool) -> list[str]:
 
 
 def promote(
-    candidate: str | Path, root: str | Path, log: str | Path, since: str, gate: Gate | None = None
+    candidate: str | Path,
+    root: str | Path,
+    log: str | Path,
+    since: str,
+    gate: Gate | None = None,
+    context: str | None = None,
 ) -> Outcome:
     """Score the candidate against the serving version and the baselines; switch only if it passes.
 
@@ -123,7 +128,7 @@ def promote(
         serving = versions.current_version(root)
         if serving == version:
             raise ConfigError(f"{candidate} is version {version}, which is already serving")
-        holdout = read_holdout(log, since)
+        holdout = read_holdout(log, since, context)
         scorers = [load_scorer(candidate, "candidate")]
         if serving is not None:
             scorers.append(load_scorer(versions.version_dir(root, serving), "serving"))

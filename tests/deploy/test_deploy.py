@@ -638,6 +638,7 @@ def test_training_goes_through_the_gate_never_straight_into_current(base: dict, 
             "train on events before the cut, judge on the events after it"
         )
         assert train.data == f"{prepare.out}/sequences.txt"
+        assert promote.holdout_context == prepare.since, "the holdout reads the training window, not all"
         assert "--init-from" in script and "MQSA_REDIS_URL" not in _env(container)
         assert "trap " in script, "old nights are pruned whatever tonight's outcome"
         assert job["spec"]["concurrencyPolicy"] == "Forbid"

@@ -119,3 +119,17 @@ def test_evaluate_prints_models_side_by_side(trained_run, bundle_dir, holdout_lo
     assert set(result) == {"holdout", "models", "baselines"}
     assert main(["evaluate", "--holdout", str(holdout_log["log"]), str(bundle_dir)]) == 2
     assert "needs --holdout, --holdout-since" in capsys.readouterr().err
+
+
+def test_a_context_window_drops_the_events_before_it(tmp_path) -> None:
+    """--holdout-context reads only the events from then on: fewer contexts and baseline counts,
+    the same targets."""
+    log = tmp_path / "log.csv"
+    rows = [(u, i, 1_700_000_000 + t) for u, i, t in TINY_LOG]
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(log, index=False)
+    whole = read_holdout(log, "1700000100")
+    window = read_holdout(log, "1700000100", context="1700000045")  # drops the events at 10-40
+    assert window.positions.size == whole.positions.size == 7
+    assert window.items.size == whole.items.size - 4
+    with pytest.raises(ConfigError, match="--holdout-context 'lately' is neither"):
+        read_holdout(log, "1700000100", context="lately")
