@@ -112,12 +112,7 @@ async def open_loop(
         nonlocal errors
         reader, writer = await idle.get()
         writer.write(requests_[i % len(requests_)])
-        status = int((await reader.readline()).split()[1])
-        length = 0
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":")[1])
-        await reader.readexactly(length)
+        status = await _read_response(reader)
         latencies.append(time.perf_counter() - due)
         errors += status != 200
         idle.put_nowait((reader, writer))
@@ -170,12 +165,7 @@ async def paced(
                 await asyncio.sleep(delay)
             body = bodies[(c * 7919 + i) % len(bodies)]
             writer.write(_post("/recommend", body))
-            status = int((await reader.readline()).split()[1])
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            await reader.readexactly(length)
+            status = await _read_response(reader)
             latencies.append(time.perf_counter() - due)
             errors += status != 200
         writer.close()
@@ -187,6 +177,17 @@ async def paced(
 def _post(path: str, body: bytes) -> bytes:
     head = f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     return head.encode() + body
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    """Read one HTTP/1.1 response (status line, headers, Content-Length body); its status."""
+    status = int((await reader.readline()).split()[1])
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    await reader.readexactly(length)
+    return status
 
 
 def _quantiles(latencies: list[float], errors: int) -> dict[str, float]:

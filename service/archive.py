@@ -58,7 +58,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -68,7 +67,7 @@ from fsspec.implementations.local import LocalFileSystem
 from redis import exceptions as redis_exceptions
 
 from mqsa.errors import ConfigError, DataError
-from mqsa.service.store import redis_errors
+from mqsa.service.store import as_text, redis_errors
 
 log = logging.getLogger("mqsa.archive")
 
@@ -105,10 +104,6 @@ def day_of(stream_id: str) -> str:
 def stream_tag(stream_key: str) -> str:
     """The stream key as it appears in file names: ``mqsa:{b3}:events`` -> ``mqsa_b3_events``."""
     return re.sub(r"[^A-Za-z0-9]+", "_", stream_key).strip("_")
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def to_table(stream_key: str, entries: list[Entry]) -> pa.Table:
@@ -303,21 +298,22 @@ class Archiver:
         entries = reply[0][1] if reply else []
         if not entries:
             return None
-        gone = [_text(i) for i, f in entries if not f]
+        gone = [as_text(i) for i, f in entries if not f]
         if gone:  # pending, but deleted from the stream by someone else: nothing left to keep
             log.warning("%d pending entries of %s were deleted before they were archived", len(gone), key)
             with redis_errors():
                 await self.redis.xack(key, GROUP, *gone)
         if isinstance(entries[0][0], str):  # decode_responses=True, as connect() makes it
             return [(i, f) for i, f in entries if f]
-        return [(_text(i), {_text(k): _text(v) for k, v in f.items()}) for i, f in entries if f]
+        return [(as_text(i), {as_text(k): as_text(v) for k, v in f.items()}) for i, f in entries if f]
 
     async def _recover(self, key: str, entries: list[Entry], result: PassResult) -> None:
         """Pending entries (a crash, a failover): acknowledge those a file already holds, store the
         rest. Held means inside some file's id range, not below the newest id: an entry another
         process left pending below a newer file was never written."""
         ranges = await asyncio.to_thread(self.sink.archived_ranges, stream_tag(key), day_of(entries[0][0]))
-        held = [any(lo <= stream_id_key(i) <= hi for lo, hi in ranges) for i, _ in entries]
+        keys = [stream_id_key(i) for i, _ in entries]
+        held = [any(lo <= key <= hi for lo, hi in ranges) for key in keys]
         done = [i for (i, _), h in zip(entries, held, strict=True) if h]
         if done:
             log.info("%d pending entries of %s were archived before a crash", len(done), key)
@@ -352,10 +348,11 @@ class Archiver:
             await self.redis.xack(key, GROUP, *ids)
             summary = await self.redis.xpending(key, GROUP)
             if summary["pending"]:
-                floor = _text(summary["min"])
+                floor = as_text(summary["min"])
             else:
                 groups = await self.redis.xinfo_groups(key)
-                delivered = next(_text(g["last-delivered-id"]) for g in groups if _text(g["name"]) == GROUP)
+                (group,) = [g for g in groups if as_text(g["name"]) == GROUP]
+                delivered = as_text(group["last-delivered-id"])
                 ms, seq = stream_id_key(delivered)
                 floor = f"{ms}-{seq + 1}"
             await self.redis.xtrim(key, minid=floor, approximate=False)

@@ -19,13 +19,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from mqsa.errors import DataError
-from mqsa.service.store import connect, redis_errors
+from mqsa.service.store import as_text, connect, redis_errors
 
 COLUMNS = ("user_id", "item_id", "timestamp", "event_id")
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def export_events(
@@ -92,12 +88,12 @@ async def _write_stream(
         with redis_errors():
             entries = await redis.xrange(key, min=low, max=end, count=count)
         for _, fields in entries:
-            fields = {_text(k): _text(v) for k, v in fields.items()}
+            fields = {as_text(k): as_text(v) for k, v in fields.items()}
             writer.writerow([fields.get(column, "") for column in COLUMNS])
         rows += len(entries)
         if len(entries) < count:
             return rows
-        low = f"({_text(entries[-1][0])}"  # exclusive: after the last entry read
+        low = f"({as_text(entries[-1][0])}"  # exclusive: after the last entry read
 
 
 def export_events_sync(

@@ -219,6 +219,11 @@ def _translated(exc: Exception) -> Exception:
     return unavailable
 
 
+def as_text(value: Any) -> str:
+    """A Redis reply part as text, whether the client decodes replies or not."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def connect(
     url: str,
     timeout_seconds: float = 0.5,

@@ -68,3 +68,14 @@ def test_the_manifest_digest_and_signature_agree_with_the_exporters(bundle_dir) 
     )
     for key in ("k", "another key"):
         assert bundle.manifest_signature(edited, key) == export.manifest_signature(edited, key)
+
+
+def test_the_versions_json_writer_agrees_with_the_trainers(tmp_path) -> None:
+    """service/versions.py keeps its own atomic JSON writer (with an fsync): same content."""
+    from mqsa.service import versions
+
+    payload = {"versions": [{"version": "abc", "at": "2026-11-30T00:00:00+00:00"}], "note": "ü"}
+    artifacts.write_json_atomic(tmp_path / "trainer.json", payload, indent=1)
+    versions.write_json_atomic(tmp_path / "service.json", payload)
+    assert (tmp_path / "service.json").read_bytes() == (tmp_path / "trainer.json").read_bytes()
+    assert not list(tmp_path.glob("*.tmp"))
