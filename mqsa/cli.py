@@ -8,6 +8,7 @@
     mqsa train --data PATH --out DIR [one flag per MQSAConfig and TrainConfig field]
     mqsa evaluate --checkpoint CKPT --data PATH
     mqsa evaluate --holdout LOG --holdout-since T MODEL [MODEL ...]   (checkpoints or bundles)
+    mqsa evaluate --online --archive URL --since T [--until T] [--bundle B ...]   (past traffic)
     mqsa export --checkpoint CKPT --out DIR [one flag per ExportConfig field]
     mqsa serve --bundle DIR
     mqsa demo
@@ -91,6 +92,10 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    if args.online:
+        return _evaluate_online(args)
+    if args.archive or args.since or args.until or args.bundle or args.report:
+        raise ConfigError("--archive, --since, --until, --bundle and --report go with --online")
     if args.holdout or args.models:
         return _evaluate_holdout(args)
     if not (args.checkpoint and args.data):
@@ -116,6 +121,20 @@ def _evaluate_holdout(args: argparse.Namespace) -> None:
         raise ConfigError("name the models after the flags (not --checkpoint/--data) on a holdout")
     result = evaluate_on_holdout(args.holdout, args.holdout_since, args.models, context=args.holdout_context)
     print(json.dumps(result, indent=2) if args.json else holdout_table(result))
+
+
+def _evaluate_online(args: argparse.Namespace) -> None:
+    from mqsa.training.replay import ReplayConfig, replay, replay_table
+
+    if not (args.archive and args.since):
+        raise ConfigError("an online replay needs --archive and --since")
+    if args.checkpoint or args.data or args.models or args.holdout or args.holdout_since:
+        raise ConfigError("--online replays the archive: no --checkpoint, --data, --holdout or models")
+    config = ReplayConfig(**flags.values(args, ReplayConfig))
+    result = replay(args.archive, args.since, args.until, config, args.bundle or ())
+    if args.report:
+        Path(args.report).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=2) if args.json else replay_table(result))
 
 
 def _promote(args: argparse.Namespace) -> None:
@@ -395,12 +414,32 @@ def _add_keys(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> Non
 
 
 def _add_evaluate(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> None:
-    e = sub.add_parser("evaluate", help="full-ranking HR/NDCG@5/10/20 of a checkpoint, with baselines")
+    e = sub.add_parser(
+        "evaluate",
+        help="full-ranking HR/NDCG@5/10/20 of a checkpoint, with baselines (--online: of past traffic)",
+    )
     e.add_argument("--checkpoint", help="leave-one-out: the checkpoint (with --data)")
     e.add_argument("--data", help="leave-one-out: the sequence file it was trained on")
     e.add_argument("models", nargs="*", help="on a holdout: checkpoints (.pt) or bundle directories")
     _add_holdout_flags(e, required=False)
     e.add_argument("--json", action="store_true", help="print JSON")
+    o = e.add_argument_group("online replay (docs/feedback.md): the online metrics of past traffic")
+    o.add_argument("--online", action="store_true", help="replay the event archive's impressions and events")
+    o.add_argument("--archive", help="the archive (the folder or URL given to `mqsa events archive --to`)")
+    o.add_argument("--since", help="the window's start (unix seconds, ISO date, or 7d/12h before now)")
+    o.add_argument("--until", help="the window's end, excluded (the same forms; default: now)")
+    o.add_argument(
+        "--bundle",
+        nargs="+",
+        metavar="B",
+        help="bundles that make the window's served /recommend lists again (counterfactual); "
+        "their item counts give the coverage",
+    )
+    o.add_argument("--report", metavar="PATH", help="also write the result as JSON to PATH")
+    if full("evaluate"):  # pandas: only for this subcommand
+        from mqsa.training.replay import ReplayConfig
+
+        flags.add_flags(e, ReplayConfig)
     e.set_defaults(func=_evaluate)
 
 
@@ -470,6 +509,7 @@ def service_settings() -> str:
     for name, info in Settings.model_fields.items():
         value = None if info.is_required() else info.get_default(call_default_factory=True)
         value = value.get_secret_value() if isinstance(value, SecretStr) else value
+        value = ",".join(value) if isinstance(value, list) and value else value  # as the variable is written
         default = f"`{flags.shown(value)}`" if value not in (None, []) else "(none)"
         default = "(required)" if info.is_required() else default
         meaning = helps[name].replace("|", "\\|")

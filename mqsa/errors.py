@@ -25,11 +25,13 @@ Foreign errors are translated where the foreign call is made, with
 ``raise ... from exc`` (pydantic in ``service/settings.py``, Redis in
 ``service/store.py``, onnxruntime and FAISS in ``service/bundle.py``, torch's
 loader in ``training/checkpoint.py``). This module imports nothing of the project's
-(only ``pathlib``), so every part (the model, the trainer, the service) can share it.
+(only the standard library), so every part (the model, the trainer, the service) can
+share it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -70,9 +72,19 @@ class PromotionRefused(MQSAError):
 
 
 class ServiceError(MQSAError):
-    """Base of the service's errors; ``status_code`` is the HTTP status it answers with."""
+    """Base of the service's errors; ``status_code`` is the HTTP status it answers with.
+
+    Args:
+        message: what is wrong, for a person to read (the answer's ``detail``).
+        fields: ``{"field", "message"}`` pairs naming the request's fields at fault (the
+            answer's ``fields``), when the error is about some.
+    """
 
     status_code = 500
+
+    def __init__(self, message: str = "", fields: Sequence[dict[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.fields = list(fields)
 
 
 class Unauthorized(ServiceError):

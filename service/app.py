@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
@@ -27,11 +28,14 @@ from mqsa.errors import ServiceError, StoreUnavailable
 from mqsa.service.batching import Batcher
 from mqsa.service.catalogue import CatalogueFollower, CatalogueStore, seed_catalogue
 from mqsa.service.edge import EdgeMiddleware
+from mqsa.service.feedback import Feedback
 from mqsa.service.metrics import Metrics
 from mqsa.service.registry import ModelRegistry
-from mqsa.service.routes import docs, events, health, items, model, recommend
+from mqsa.service.routes import dashboard, docs, events, health, items, model, recommend, stats, traffic
 from mqsa.service.settings import Settings, load_settings
+from mqsa.service.stats import OnlineStats
 from mqsa.service.store import HistoryStore, connect
+from mqsa.service.traffic import TrafficFollower, TrafficPlan, TrafficStore
 
 log = logging.getLogger("mqsa.service")
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 415: "unsupported_media_type"}
@@ -66,7 +70,7 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
     headers = {"Retry-After": "1"} if isinstance(exc, StoreUnavailable) else None
     code = "".join("_" + c.lower() if c.isupper() else c for c in type(exc).__name__).lstrip("_")
-    return error_response(exc.status_code, code, str(exc), headers=headers)
+    return error_response(exc.status_code, code, str(exc), exc.fields, headers=headers)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -106,12 +110,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             cluster=settings.redis_cluster,
         )
         app.state.store = _store(settings, redis)
+        app.state.stats = OnlineStats(redis, settings.redis_prefix)
+        app.state.feedback = Feedback(app.state.store, app.state.stats, settings, metrics)
         await app.state.store.check_durability()
         app.state.catalogue = CatalogueStore(redis, settings.redis_prefix)
         follower = await _follow_catalogue(app.state.registry, app.state.catalogue, settings)
         app.state.catalogue_follower = follower
         metrics.set_model(app.state.registry.bundle.model_version)
-        tasks = [asyncio.create_task(follower.follow())]
+        app.state.traffic = await _follow_traffic(app.state.registry, redis, settings)
+        tasks = [asyncio.create_task(follower.follow()), asyncio.create_task(app.state.traffic.follow())]
         if settings.watch_bundle:
             tasks.append(asyncio.create_task(app.state.registry.watch(settings.watch_interval_seconds)))
         try:
@@ -137,13 +144,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body_timeout_seconds=settings.body_timeout_seconds,
         metrics=metrics,
     )
+    app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(Exception, _unexpected_error)
-    for module in (events, recommend, items, model, health, docs):
+    for module in (events, recommend, items, model, stats, traffic, health, docs, dashboard):
         app.include_router(module.router)
     return app
+
+
+def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """FastAPI's document, with what this service's settings accept: the event types."""
+    if app.openapi_schema is None:
+        document = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        event = document["components"]["schemas"]["EventIn"]["properties"]["event_type"]
+        for option in event.get("anyOf", [event]):
+            if option.get("type") == "string":
+                option["enum"] = list(settings.event_types)
+        app.openapi_schema = document
+    return app.openapi_schema
 
 
 async def _follow_catalogue(
@@ -168,6 +190,16 @@ async def _follow_catalogue(
     return follower
 
 
+async def _follow_traffic(registry: ModelRegistry, redis: Any, settings: Settings) -> TrafficFollower:
+    """Follow the traffic plan in Redis, or ``MQSA_CHALLENGERS`` while there is none: its
+    challengers are loaded (after the catalogue, whose rules they get) before the first request."""
+    initial = TrafficPlan(0, settings.traffic_salt, tuple(settings.challengers))
+    store = TrafficStore(redis, settings.redis_prefix)
+    follower = TrafficFollower(store, registry.follow_plan, initial, settings.traffic_poll_seconds)
+    await follower.load()
+    return follower
+
+
 def _registry(settings: Settings) -> ModelRegistry:
     hmac_key = settings.bundle_hmac_key.get_secret_value() if settings.bundle_hmac_key else None
     return ModelRegistry(
@@ -189,4 +221,7 @@ def _store(settings: Settings, redis: Any) -> HistoryStore:
         ack_replicas=settings.ack_replicas,
         ack_timeout_ms=settings.ack_timeout_ms,
         stream_archive=settings.stream_archive,
+        history_types=settings.history_types,
+        attribution_window_seconds=settings.attribution_window_seconds,
+        conversion_event_type=settings.conversion_event_type,
     )

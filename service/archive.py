@@ -9,7 +9,10 @@ any fsspec URL: ``s3://…``, ``gs://…``)::
 One file holds a run of consecutive entries of one stream (first and last stream id
 in its name), partitioned by the UTC day Redis accepted them (the stream id's time,
 not the client's timestamp). Columns: ``user_id``, ``item_id``, ``timestamp`` (the
-event's, seconds), ``event_id`` (null when the client sent none), ``stream``,
+event's, seconds), ``event_id`` (null when the client sent none), ``event_type``
+(``impression`` for a served list; null in entries from before typed events, read as
+``view``), ``recommendation_id``, and for impressions ``items`` (the list, in order),
+``model_version``, ``route`` and ``mode`` (docs/feedback.md); then ``stream``,
 ``stream_id`` and ``extra`` (any other field of the entry, as JSON; null when none):
 nothing the service wrote is dropped.
 
@@ -73,13 +76,20 @@ log = logging.getLogger("mqsa.archive")
 
 GROUP = "archive"
 CONSUMER = "archiver"
-KNOWN_FIELDS = frozenset({"user_id", "item_id", "timestamp", "event_id"})
+TEXT_FIELDS = ("event_type", "recommendation_id", "model_version", "route", "mode")  # "" -> null
+KNOWN_FIELDS = frozenset({"user_id", "item_id", "timestamp", "event_id", "items", *TEXT_FIELDS})
 SCHEMA = pa.schema(
     [
         ("user_id", pa.string()),
         ("item_id", pa.string()),
         ("timestamp", pa.float64()),
         ("event_id", pa.string()),
+        ("event_type", pa.string()),
+        ("recommendation_id", pa.string()),
+        ("items", pa.list_(pa.string())),
+        ("model_version", pa.string()),
+        ("route", pa.string()),
+        ("mode", pa.string()),
         ("stream", pa.string()),
         ("stream_id", pa.string()),
         ("extra", pa.string()),
@@ -109,10 +119,11 @@ def stream_tag(stream_key: str) -> str:
 def to_table(stream_key: str, entries: list[Entry]) -> pa.Table:
     """Entries of one stream as a table in :data:`SCHEMA`.
 
-    A timestamp that is not a number becomes null, and its text is kept in ``extra``.
+    A timestamp that is not a number, or an impression's ``items`` that are not a JSON
+    list of strings, becomes null, and its text is kept in ``extra``.
     """
     fields = [f for _, f in entries]
-    stamps, extra = [], []
+    stamps, lists, extra = [], [], []
     for f in fields:
         rest = {k: f[k] for k in f.keys() - KNOWN_FIELDS}
         try:
@@ -121,17 +132,34 @@ def to_table(stream_key: str, entries: list[Entry]) -> pa.Table:
             stamps.append(None)
             if "timestamp" in f:
                 rest["timestamp"] = f["timestamp"]
+        lists.append(_items(f, rest))
         extra.append(json.dumps(rest, sort_keys=True) if rest else None)
     columns = {
         "user_id": [f.get("user_id") for f in fields],
         "item_id": [f.get("item_id") for f in fields],
         "timestamp": stamps,
         "event_id": [f.get("event_id") or None for f in fields],
+        **{name: [f.get(name) or None for f in fields] for name in TEXT_FIELDS},
+        "items": lists,
         "stream": [stream_key] * len(entries),
         "stream_id": [i for i, _ in entries],
         "extra": extra,
     }
     return pa.table(columns, schema=SCHEMA)
+
+
+def _items(f: dict[str, str], rest: dict[str, str]) -> list[str] | None:
+    """An impression's item ids (a JSON list in the stream), or None; anything else goes to ``rest``."""
+    if "items" not in f:
+        return None
+    try:
+        items = json.loads(f["items"])
+    except ValueError:
+        items = None
+    if isinstance(items, list) and all(isinstance(i, str) for i in items):
+        return items
+    rest["items"] = f["items"]
+    return None
 
 
 class ArchiveSink:

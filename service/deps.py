@@ -13,11 +13,14 @@ from fastapi import Depends, Request
 
 from mqsa.errors import Forbidden, Unauthorized
 from mqsa.service.catalogue import CatalogueStore
+from mqsa.service.feedback import Feedback
 from mqsa.service.keys import Scope, scopes_of
 from mqsa.service.metrics import Metrics
 from mqsa.service.registry import ModelRegistry
 from mqsa.service.settings import Settings
+from mqsa.service.stats import OnlineStats
 from mqsa.service.store import HistoryStore
+from mqsa.service.traffic import TrafficFollower
 
 
 async def get_settings(request: Request) -> Settings:
@@ -40,11 +43,26 @@ async def get_catalogue(request: Request) -> CatalogueStore:
     return request.app.state.catalogue
 
 
+async def get_traffic(request: Request) -> TrafficFollower:
+    return request.app.state.traffic
+
+
+async def get_feedback(request: Request) -> Feedback:
+    return request.app.state.feedback
+
+
+async def get_stats(request: Request) -> OnlineStats:
+    return request.app.state.stats
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 StoreDep = Annotated[HistoryStore, Depends(get_store)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 CatalogueDep = Annotated[CatalogueStore, Depends(get_catalogue)]
+TrafficDep = Annotated[TrafficFollower, Depends(get_traffic)]
+FeedbackDep = Annotated[Feedback, Depends(get_feedback)]
+StatsDep = Annotated[OnlineStats, Depends(get_stats)]
 
 
 def requires(scope: Scope, open_when: str | None = None) -> Callable[..., Awaitable[None]]:

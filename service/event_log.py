@@ -1,10 +1,11 @@
 """Export the event stream written by :class:`mqsa.service.store.HistoryStore` as a raw interaction log.
 
-The CSV has the header ``user_id,item_id,timestamp,event_id`` (one row per
-stream entry, in stream order, quoted by the csv module where needed), which
-the training side's raw-log reader (``training/prepare.py``, ``read_log``)
-accepts as it is: it needs ``user_id``, ``item_id`` and ``timestamp`` and
-ignores the rest. Never imports torch, ``models`` or ``training``.
+The CSV has the header ``user_id,item_id,timestamp,event_id,event_type,recommendation_id``
+(one row per event in the stream, in stream order, quoted by the csv module where
+needed; the service's impressions are left out: the archive keeps them), which the
+training side's raw-log reader (``training/prepare.py``, ``read_log``) accepts as it
+is: it needs ``user_id``, ``item_id`` and ``timestamp``, reads ``event_type`` when
+``--event-types`` asks for some, and ignores the rest. Never imports torch, ``models`` or ``training``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import redis.asyncio as aioredis
 from mqsa.errors import DataError
 from mqsa.service.store import as_text, connect, redis_errors
 
-COLUMNS = ("user_id", "item_id", "timestamp", "event_id")
+COLUMNS = ("user_id", "item_id", "timestamp", "event_id", "event_type", "recommendation_id")
+IMPRESSION = "impression"
 
 
 async def export_events(
@@ -89,8 +91,9 @@ async def _write_stream(
             entries = await redis.xrange(key, min=low, max=end, count=count)
         for _, fields in entries:
             fields = {as_text(k): as_text(v) for k, v in fields.items()}
-            writer.writerow([fields.get(column, "") for column in COLUMNS])
-        rows += len(entries)
+            if fields.get("event_type") != IMPRESSION:
+                writer.writerow([fields.get(column, "") for column in COLUMNS])
+                rows += 1
         if len(entries) < count:
             return rows
         low = f"({as_text(entries[-1][0])}"  # exclusive: after the last entry read

@@ -10,7 +10,7 @@ are always open):
 
     read    POST /recommend, GET /model; the API docs unless MQSA_PUBLIC_DOCS
     write   POST /events
-    admin   POST /admin/reload; GET /metrics unless MQSA_PUBLIC_METRICS
+    admin   POST /admin/reload, GET and PUT /admin/traffic; GET /metrics unless MQSA_PUBLIC_METRICS
 
 A request carries its key in ``X-API-Key`` or ``Authorization: Bearer``. The key is
 hashed and compared with every stored digest with ``hmac.compare_digest`` (constant

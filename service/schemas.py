@@ -10,9 +10,18 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from annotated_types import Ge, Le
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
 
 from mqsa.service.rules import NO_FILTER, Filter
+from mqsa.service.traffic import MAX_CHALLENGERS, SALT_PATTERN, SHARE_SLACK
 
 MAX_ID_LENGTH = 256
 MAX_EVENTS = 1000
@@ -24,6 +33,10 @@ MAX_TIMESTAMP = 4_102_444_800.0  # 2100-01-01 in seconds: anything later is a un
 ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)]
+# <model_version>-<served ms, 12 hex>-<8 random hex> (docs/feedback.md): the id names the model.
+RECOMMENDATION_ID_PATTERN = r"^[0-9a-f]{16}-[0-9a-f]{12}-[0-9a-f]{8}$"
+RecommendationId = Annotated[str, StringConstraints(pattern=RECOMMENDATION_ID_PATTERN)]
+EventType = Annotated[str, StringConstraints(min_length=1, max_length=32)]
 
 
 def _whole_number(value: object) -> object:
@@ -56,6 +69,16 @@ class EventIn(Request):
         None,
         description="the client's id for this event: an event_id already seen for the user (within "
         "the de-duplication window) is skipped, so a request can be resent safely",
+    )
+    event_type: EventType | None = Field(
+        None,
+        description="one of MQSA_EVENT_TYPES (default view, click, add_to_cart, purchase); "
+        "MQSA_DEFAULT_EVENT_TYPE when absent",
+    )
+    recommendation_id: RecommendationId | None = Field(
+        None,
+        description="the recommendation_id of the answer the item was taken from: a click carrying it "
+        "counts for that answer's model (CTR), a purchase converts it",
     )
 
 
@@ -135,7 +158,12 @@ class ScoredItem(BaseModel):
 class RecommendOut(BaseModel):
     user_id: str
     items: list[ScoredItem]
-    model_version: str
+    model_version: str = Field(description="the model that made this list (A/B: the user's arm)")
+    recommendation_id: str | None = Field(
+        None,
+        description="send it back with the events on these items (POST /events); null when "
+        "MQSA_LOG_IMPRESSIONS is off",
+    )
     source: Literal["model", "popular"]
     degraded: bool = Field(False, description="true when Redis could not be read")
 
@@ -186,6 +214,9 @@ class ItemOut(BaseModel):
 
 class SimilarIn(Request):
     n: Count = Field(10, ge=1, le=MAX_N)
+    user_id: Id | None = Field(
+        None, description="who the list is for: their later events on its items count as its hits"
+    )
     filter: FilterIn | None = None
     exclude_items: list[Id] = Field(default_factory=list, max_length=MAX_LIST)
     max_per_category: PerCategory | None = None
@@ -195,6 +226,9 @@ class SimilarOut(BaseModel):
     item_id: str
     items: list[ScoredItem]
     model_version: str
+    recommendation_id: str | None = Field(
+        None, description="send it back with the events on these items; null when impressions are not logged"
+    )
 
 
 class ReloadIn(Request):
@@ -269,3 +303,120 @@ class ErrorOut(BaseModel):
     fields: list[FieldError] = Field(
         default_factory=list, description="for invalid_request: every field and what is wrong with it"
     )
+
+
+class LatencyOut(BaseModel):
+    p50: float | None = Field(description="ms, from the latency histogram's buckets (all replicas)")
+    p95: float | None
+    p99: float | None
+
+
+class MinuteOut(BaseModel):
+    minute: int = Field(description="the minute's start, seconds since the epoch")
+    impressions: int
+    clicks: int
+    hits: int
+    conversions: int
+    p99_ms: float | None
+
+
+class ModelStatsOut(BaseModel):
+    model_version: str
+    mode: Literal["served", "shadow"] | str
+    role: str | None = Field(description="champion, challenger, or null for a version no longer loaded")
+    impressions: int
+    clicks: int
+    hits: int
+    conversions: int
+    ctr: float | None = Field(description="clicks / impressions; null with no impression")
+    hit_rate: float | None = Field(description="lists hit within the attribution window / impressions")
+    conversion_rate: float | None = Field(description="conversions / impressions")
+    distinct_items: int = Field(description="distinct items served in the hours the window touches (HLL)")
+    num_items: int | None = Field(description="the model's item count, when it is loaded")
+    coverage: float | None = Field(description="distinct_items / num_items")
+    latency_ms: LatencyOut
+    fallbacks: dict[str, int]
+    offline_metrics: dict | None = Field(description="the bundle's manifest metrics, when it is loaded")
+    series: list[MinuteOut]
+
+
+class WindowOut(BaseModel):
+    minutes: int
+    since: float
+    until: float
+
+
+class StatsOut(BaseModel):
+    window: WindowOut
+    attribution_window_seconds: int
+    models: list[ModelStatsOut]
+    events: dict[str, int] = Field(description="accepted events per type in the window")
+    traffic: dict = Field(description="the A/B plan: champion, shares per model version, shadow versions")
+
+
+class ChallengerIn(Request):
+    bundle_dir: str = Field(
+        min_length=1,
+        max_length=255,
+        description="a bundle directory under MQSA_BUNDLE_ROOT (a name relative to it, or an absolute path "
+        "inside it)",
+    )
+    share: float = Field(
+        0.0, ge=0, le=1, allow_inf_nan=False, description="the share of users it serves (0 in shadow)"
+    )
+    shadow: bool = Field(False, description="score every request and log the list, never serve it")
+
+    @field_validator("shadow")
+    @classmethod
+    def _no_share_in_shadow(cls, shadow: bool, info: ValidationInfo) -> bool:
+        if shadow and info.data.get("share"):
+            raise ValueError("a challenger in shadow serves no one: its share must be 0")
+        return shadow
+
+
+class TrafficIn(Request):
+    """The whole plan: it replaces the one in force, on every replica."""
+
+    challengers: list[ChallengerIn] = Field(
+        max_length=MAX_CHALLENGERS,
+        description="the challengers, in the order their intervals of users are laid out; [] ends the test",
+    )
+    salt: str | None = Field(
+        None,
+        pattern=SALT_PATTERN,
+        description="what users are hashed with: a new one reshuffles them (a new experiment); the plan's "
+        "current salt if absent",
+    )
+
+    @field_validator("challengers")
+    @classmethod
+    def _shares_fit(cls, challengers: list[ChallengerIn]) -> list[ChallengerIn]:
+        if sum(c.share for c in challengers) > 1.0 + SHARE_SLACK:
+            raise ValueError("the shares add up to more than 1 (the champion serves 1 minus their sum)")
+        if len({c.bundle_dir for c in challengers}) != len(challengers):
+            raise ValueError("a bundle directory is named twice")
+        return challengers
+
+
+class ChallengerOut(BaseModel):
+    bundle_dir: str
+    share: float
+    shadow: bool
+    model_version: str | None = Field(
+        description="the model this worker serves from it; null when it serves none (not loaded yet, "
+        "refused, or a model served already): its share goes to the champion"
+    )
+
+
+class TrafficOut(BaseModel):
+    version: int = Field(
+        description="the plan's version: each PUT adds one; 0 is MQSA_CHALLENGERS (Redis holds no plan)"
+    )
+    salt: str
+    updated_at: float | None = Field(description="when the plan was stored; null for MQSA_CHALLENGERS")
+    challengers: list[ChallengerOut]
+    champion: str = Field(description="the champion's model version")
+    shares: dict[str, float] = Field(
+        description="model version -> the share of users it serves on this worker, the champion's included"
+    )
+    shadow: list[str] = Field(description="the model versions scoring every request in shadow on this worker")

@@ -8,6 +8,7 @@ invalid setting is reported by name and reason, never by value (:func:`load_sett
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -17,6 +18,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from mqsa.errors import ConfigError
 from mqsa.service.keys import StoredKey, parse_entries
+from mqsa.service.traffic import DEFAULT_SALT, SALT_PATTERN, Challenger, check_shares, parse_challengers
+
+IMPRESSION = "impression"  # the stream entries of served lists: never a client's event type
+EVENT_TYPE = re.compile(r"[a-z0-9_-]{1,32}")
 
 
 class Settings(BaseSettings):
@@ -70,8 +75,27 @@ class Settings(BaseSettings):
             know yet (1 in 10 by default), so they collect interactions before the next training.
         explore_pick: which of those: newest (first written to the catalogue) or random.
         catalogue_poll_seconds: how often each worker looks for catalogue changes.
+        event_types: the event types `/events` takes (comma-separated; `impression` is the
+            service's own and cannot be one).
+        default_event_type: the type of an event sent without one (old clients).
+        history_event_types: the types that enter the user's history the model reads
+            (comma-separated; empty: every type). Every event is streamed and archived.
+        click_event_type: the type counted as a click of a recommendation (CTR).
+        conversion_event_type: the type counted as a conversion.
+        log_impressions: log every served list as an impression (stream, archive) and
+            count the online metrics in Redis (`/stats`); off: answers carry no
+            recommendation id.
+        attribution_window_seconds: a later event of a user on an item of a list served
+            to them within this long is a hit of that list (and a purchase, a conversion).
         watch_bundle: poll the bundle directory and reload when it changes.
         watch_interval_seconds: how often to poll.
+        challengers: the traffic plan while Redis holds none (`PUT /admin/traffic` stores one):
+            comma-separated `BUNDLE_DIR=SHARE` entries (the challenger serves that share of the
+            users) or `BUNDLE_DIR=shadow` (it scores every request, its lists are logged, never
+            served), bundles under the bundle root, e.g. `v2=0.1,v3=shadow`; the champion serves
+            the rest (docs/feedback.md).
+        traffic_salt: the salt of that plan's split of the users (a new one reshuffles them).
+        traffic_poll_seconds: how often each worker looks for a new traffic plan in Redis.
     """
 
     model_config = SettingsConfigDict(env_prefix="MQSA_", extra="ignore")
@@ -106,8 +130,33 @@ class Settings(BaseSettings):
     explore_share: float = Field(0.1, ge=0, le=1)
     explore_pick: Literal["newest", "random"] = "newest"
     catalogue_poll_seconds: float = Field(0.25, gt=0, le=60)
+    event_types: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["view", "click", "add_to_cart", "purchase"]
+    )
+    default_event_type: str = "view"
+    history_event_types: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    click_event_type: str = "click"
+    conversion_event_type: str = "purchase"
+    log_impressions: bool = True
+    attribution_window_seconds: int = Field(1800, ge=1, le=7 * 24 * 3600)
     watch_bundle: bool = False
     watch_interval_seconds: float = Field(5.0, gt=0)
+    challengers: Annotated[list[Challenger], NoDecode] = Field(default_factory=list)
+    traffic_salt: str = Field(DEFAULT_SALT, pattern=SALT_PATTERN)
+    traffic_poll_seconds: float = Field(1.0, gt=0, le=60)
+
+    @field_validator("challengers", mode="before")
+    @classmethod
+    def _parse_challengers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_challengers(value)
+        return value
+
+    @field_validator("challengers")
+    @classmethod
+    def _check_challengers(cls, challengers: list[Challenger]) -> list[Challenger]:
+        check_shares(challengers)
+        return challengers
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -115,6 +164,40 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return parse_entries(value)
         return value
+
+    @field_validator("event_types", "history_event_types", mode="before")
+    @classmethod
+    def _split_types(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+    @field_validator("event_types", "history_event_types")
+    @classmethod
+    def _valid_types(cls, types: list[str]) -> list[str]:
+        for name in types:
+            if not EVENT_TYPE.fullmatch(name):
+                raise ValueError("event types are 1-32 of a-z, 0-9, _ and -")
+            if name == IMPRESSION:
+                raise ValueError("'impression' is the service's own type (served lists), not a client's")
+        return list(dict.fromkeys(types))
+
+    @model_validator(mode="after")
+    def _consistent_types(self) -> Settings:
+        if not self.event_types:
+            raise ValueError("MQSA_EVENT_TYPES must name at least one type")
+        for name in ("default_event_type", "click_event_type", "conversion_event_type"):
+            if getattr(self, name) not in self.event_types:
+                raise ValueError(f"MQSA_{name.upper()} must be one of MQSA_EVENT_TYPES")
+        unknown = set(self.history_event_types) - set(self.event_types)
+        if unknown:
+            raise ValueError("MQSA_HISTORY_EVENT_TYPES must be a subset of MQSA_EVENT_TYPES")
+        return self
+
+    @property
+    def history_types(self) -> frozenset[str]:
+        """The event types that enter users' histories."""
+        return frozenset(self.history_event_types or self.event_types)
 
     @model_validator(mode="after")
     def _refuse_unsafe_values(self) -> Settings:

@@ -54,11 +54,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import math
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,17 +74,21 @@ from redis.exceptions import NoScriptError
 from mqsa.errors import ConfigError, StoreUnavailable
 from mqsa.service.durability import AckPlan, AckPolicy, plan, version_of
 
-# KEYS: items list, event-id zset, stream.
-# ARGV: user_id, history_cap, ttl_seconds, stream_maxlen (0: never trim), dedup_cap, now_ms, window_ms, then
-#       (item_id, timestamp, event_id, dedup_key) per event, event_id and dedup_key '' when absent.
-# Returns one flag per event: 1 accepted, 0 duplicate.
 log = logging.getLogger("mqsa.service")
 
+# KEYS: items list, event-id zset, stream, served lists.
+# ARGV: user_id, history_cap, ttl_seconds, stream_maxlen (0: never trim), dedup_cap, now_ms, window_ms,
+#       attribution_ms, conversion type, then (item_id, timestamp, event_id, dedup_key, event_type,
+#       recommendation_id, to_history) per event: event_id, dedup_key and recommendation_id '' when
+#       absent, to_history '1' or '0'.
+# Returns per event {0} (a duplicate) or {1, kind, model_version, mode, ...}: the lists it is
+# attributed to, kind 'h' (the list's first hit) or 'c' (a conversion).
+#
 # The shebang (Redis >= 7) makes it a declared write script: on an out-of-memory server it is
 # refused before it runs, never half-way (without it, Redis checks memory at the first write
 # command that may grow it, and a ZREMRANGEBYSCORE first would let every later write through).
 APPEND_SCRIPT = """#!lua
-local items, seen, stream = KEYS[1], KEYS[2], KEYS[3]
+local items, seen, stream, served = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local user_id = ARGV[1]
 local cap = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
@@ -91,13 +96,52 @@ local maxlen = ARGV[4]
 local dedup_cap = tonumber(ARGV[5])
 local now = tonumber(ARGV[6])
 local window = tonumber(ARGV[7])
+local attribution = tonumber(ARGV[8])
+local conversion = ARGV[9]
+-- the lists served to the user within the attribution window, newest first, read once
+local lists = nil
+local function served_lists()
+  if lists == nil then
+    lists = {}
+    for i, entry in ipairs(redis.call('LRANGE', served, 0, -1)) do
+      local rec, model, mode, ms, flags, members =
+        string.match(entry, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+      if rec and now - tonumber(ms) <= attribution then
+        lists[#lists + 1] = {i - 1, rec, model, mode, ms, flags, members, false}
+      end
+    end
+  end
+  return lists
+end
+-- a list's first hit marks it ('h' in its flags); a conversion goes to the newest list of each
+-- shadow model holding the item, and to the newest served one unless the event names its list
+local function attribute(item, kind, rec_id, out)
+  local needle = '\\31' .. item .. '\\31'
+  local converted = {}
+  if rec_id ~= '' then converted['served'] = true end
+  for _, l in ipairs(served_lists()) do
+    if string.find(l[7], needle, 1, true) then
+      if not string.find(l[6], 'h', 1, true) then
+        l[6] = l[6] .. 'h'
+        l[8] = true
+        out[#out + 1] = 'h'; out[#out + 1] = l[3]; out[#out + 1] = l[4]
+      end
+      local slot = l[4] == 'served' and 'served' or l[3]
+      if kind == conversion and not converted[slot] then
+        converted[slot] = true
+        out[#out + 1] = 'c'; out[#out + 1] = l[3]; out[#out + 1] = l[4]
+      end
+    end
+  end
+end
 -- scores are integers, ms * 1000 + the event's place in this call: ordered, and compact
 redis.call('ZREMRANGEBYSCORE', seen, '-inf', '(' .. ((now - window) * 1000))
 local size = redis.call('ZCARD', seen)
 local flags = {}
 local n = 0
-for i = 8, #ARGV, 4 do
+for i = 10, #ARGV, 7 do
   local item, ts, eid, key = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local kind, rec_id, to_history = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
   local fresh = 1
   if key ~= '' then
     if redis.call('ZSCORE', seen, key) then
@@ -112,22 +156,55 @@ for i = 8, #ARGV, 4 do
       size = size + 1
     end
   end
+  local out = {fresh}
   if fresh == 1 then
-    redis.call('RPUSH', items, item)
+    if to_history == '1' then redis.call('RPUSH', items, item) end
+    local fields = {'user_id', user_id, 'item_id', item, 'timestamp', ts, 'event_id', eid,
+      'event_type', kind, 'recommendation_id', rec_id}
     if maxlen == '0' then  -- archived streams: only the archiver trims, what it has stored
-      redis.call('XADD', stream, '*', 'user_id', user_id, 'item_id', item, 'timestamp', ts, 'event_id', eid)
+      redis.call('XADD', stream, '*', unpack(fields))
     else
-      redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
-        'user_id', user_id, 'item_id', item, 'timestamp', ts, 'event_id', eid)
+      redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+    end
+    attribute(item, kind, rec_id, out)
+  end
+  flags[#flags + 1] = out
+end
+if lists then  -- write back the lists that got their first hit
+  for _, l in ipairs(lists) do
+    if l[8] then
+      redis.call('LSET', served, l[1], table.concat({l[2], l[3], l[4], l[5], l[6], l[7]}, '|'))
     end
   end
-  flags[#flags + 1] = fresh
 end
 redis.call('LTRIM', items, -cap, -1)
 redis.call('EXPIRE', items, ttl)
 if size > 0 then redis.call('PEXPIRE', seen, window) end
 return flags
 """
+
+# KEYS: served lists, stream. ARGV: user_id, recommendation_id, model_version, mode, now_ms,
+# timestamp, route, items (JSON), members (the items between \x1f), stream_maxlen (0: never trim),
+# attribution_ms, served_cap, remember ('1': keep the list for attribution).
+IMPRESSION_SCRIPT = """#!lua
+local served, stream = KEYS[1], KEYS[2]
+local a = ARGV
+local fields = {'user_id', a[1], 'item_id', '', 'timestamp', a[6], 'event_id', '', 'event_type', 'impression',
+  'recommendation_id', a[2], 'items', a[8], 'model_version', a[3], 'route', a[7], 'mode', a[4]}
+if a[10] == '0' then
+  redis.call('XADD', stream, '*', unpack(fields))
+else
+  redis.call('XADD', stream, 'MAXLEN', '~', a[10], '*', unpack(fields))
+end
+if a[13] == '1' then
+  redis.call('LPUSH', served, a[2] .. '|' .. a[3] .. '|' .. a[4] .. '|' .. a[5] .. '||' .. a[9])
+  redis.call('LTRIM', served, 0, tonumber(a[12]) - 1)
+  redis.call('PEXPIRE', served, a[11])
+end
+return 1
+"""
+SERVED_CAP = 50  # lists kept per user for attribution (more within the window: the oldest go)
+UNIT_SEPARATOR = "\x1f"  # between item ids in a served list: a control character, never in an id
 
 
 def dedup_key(event_id: str) -> str:
@@ -150,12 +227,45 @@ class Event:
         timestamp: seconds since the epoch; the server's clock when None.
         event_id: the client's id for this event, for de-duplication of resends;
             None (or empty) when the event is never resent.
+        event_type: what happened (``view``, ``click``, ...; the service's settings say
+            which types there are).
+        recommendation_id: the answer the item was taken from, if any.
     """
 
     user_id: str
     item_id: str
     timestamp: float | None = None
     event_id: str | None = None
+    event_type: str = "view"
+    recommendation_id: str | None = None
+
+
+@dataclass
+class Impression:
+    """One list served (or scored in shadow), as logged and counted.
+
+    Attributes:
+        user_id: the user it was made for ("" for a similar-items list without a user).
+        recommendation_id: its id (``recommendation_id`` of the answer).
+        model_version: the model that made it.
+        mode: "served" or "shadow".
+        route: "recommend" or "similar".
+        items: the listed item ids, in order.
+        latency_seconds: the time to make it.
+        fallback: why the model did not make it (None: it did).
+    """
+
+    user_id: str
+    recommendation_id: str
+    model_version: str
+    mode: str
+    route: str
+    items: list[str]
+    latency_seconds: float
+    fallback: str | None = None
+
+
+Attribution = tuple[str, str, str]  # kind ("h": a list's first hit, "c": a conversion), model_version, mode
 
 
 @dataclass
@@ -163,14 +273,16 @@ class AppendResult:
     """What one :meth:`HistoryStore.append` call did, summed over its events.
 
     Attributes:
-        accepted: events added to histories and to the stream.
+        accepted: events added to the stream (and, of the history types, to histories).
         duplicates: events skipped because their user had already sent their event id.
         applied: per event, in request order, whether it was accepted.
+        attributions: per event, in request order, the served lists it hit or converted.
     """
 
     accepted: int
     duplicates: int
     applied: list[bool] = field(default_factory=list, compare=False)
+    attributions: list[list[Attribution]] = field(default_factory=list, compare=False)
 
 
 # Failures of Redis as a service (down, hung, full, read-only, loading, failing over): a 503.
@@ -304,6 +416,9 @@ class HistoryStore:
         ack_timeout_ms: the longest wait for the disk or the replicas.
         stream_archive: never trim the streams (``mqsa events archive`` trims what it has
             archived); ``stream_maxlen`` is then unused.
+        history_types: the event types that enter histories (None: every type).
+        attribution_window_seconds: how long a served list can be hit (docs/feedback.md).
+        conversion_event_type: the event type that converts a list.
 
     Raises:
         ValueError: for a cap, TTL, window, length or shard count below 1, or a prefix with braces.
@@ -323,6 +438,9 @@ class HistoryStore:
         ack_replicas: int = 0,
         ack_timeout_ms: int = 200,
         stream_archive: bool = False,
+        history_types: frozenset[str] | None = None,
+        attribution_window_seconds: int = 1800,
+        conversion_event_type: str = "purchase",
     ) -> None:
         limits = {"history_cap": history_cap, "ttl_seconds": ttl_seconds, "stream_maxlen": stream_maxlen}
         limits |= {"dedup_window_seconds": dedup_window_seconds, "dedup_cap": dedup_cap}
@@ -346,7 +464,11 @@ class HistoryStore:
         self._ack_plan: AckPlan | None = None  # chosen at the first write (or at start, if Redis answers)
         self._reads: list[tuple[str, int, asyncio.Future]] = []  # history reads waiting to go out together
         self._tasks: set[asyncio.Task] = set()  # the flushes under way (a task needs a reference)
+        self.history_types = history_types
+        self.attribution_ms = int(attribution_window_seconds) * 1000
+        self.conversion_event_type = conversion_event_type
         self._script = redis.register_script(APPEND_SCRIPT)
+        self._impression_script = redis.register_script(IMPRESSION_SCRIPT)
 
     def _tagged(self, user_id: str) -> str:
         return f"{self.prefix}:{{b{bucket_of(user_id, self.stream_shards)}}}"
@@ -358,6 +480,10 @@ class HistoryStore:
     def events_key(self, user_id: str) -> str:
         """The user's set of recent event-id digests: ``{prefix}:{b<bucket>}:u:<user_id>:events``."""
         return f"{self._tagged(user_id)}:u:{user_id}:events"
+
+    def served_key(self, user_id: str) -> str:
+        """Lists served to the user lately, for attribution: ``{prefix}:{b<bucket>}:u:<user_id>:served``."""
+        return f"{self._tagged(user_id)}:u:{user_id}:served"
 
     def stream_key_for(self, user_id: str) -> str:
         """The stream of the user's bucket: ``{prefix}:{b<bucket>}:events``."""
@@ -431,6 +557,36 @@ class HistoryStore:
             except ConfigError as exc:  # Redis was down at start; now it answers, but cannot keep MQSA_ACK
                 raise StoreUnavailable(str(exc)) from exc
         now = time.time()
+        groups = self._script_args(events, now)
+        head = (
+            self.history_cap,
+            self.ttl_seconds,
+            self._shard_maxlen,
+            self.dedup_cap,
+            int(now * 1000),
+            self.dedup_window_ms,
+            self.attribution_ms,
+            self.conversion_event_type,
+        )
+        keys = (self.items_key, self.events_key, self.stream_key_for, self.served_key)
+        calls = [([key(user) for key in keys], [user, *head, *rest]) for user, rest in groups.items()]
+        with redis_errors():
+            results = await self._run_scripts(calls)
+        replies = {user: iter(result) for user, result in zip(groups, results, strict=True)}
+        outcomes = [next(replies[event.user_id]) for event in events]  # back in request order
+        applied = [bool(int(out[0])) for out in outcomes]
+        attributions = [
+            [tuple(as_text(x) for x in out[i : i + 3]) for i in range(1, len(out), 3)] for out in outcomes
+        ]
+        accepted = sum(applied)
+        return AppendResult(accepted, len(events) - accepted, applied, attributions)  # type: ignore[arg-type]
+
+    def _script_args(self, events: list[Event], now: float) -> dict[str, list[str]]:
+        """Each user's events as the append script's per-event arguments, in arrival order.
+
+        Raises:
+            ValueError: for an empty user or item id or a timestamp that is not finite.
+        """
         groups: dict[str, list[str]] = {}
         for event in events:
             if not event.user_id or not event.item_id:
@@ -439,40 +595,43 @@ class HistoryStore:
             if not math.isfinite(stamp):
                 raise ValueError(f"timestamp is not finite in {event!r}")
             eid = event.event_id or ""
+            to_history = self.history_types is None or event.event_type in self.history_types
             groups.setdefault(event.user_id, []).extend(
-                (event.item_id, repr(stamp), eid, eid and dedup_key(eid))
+                (
+                    event.item_id,
+                    repr(stamp),
+                    eid,
+                    eid and dedup_key(eid),
+                    event.event_type,
+                    event.recommendation_id or "",
+                    "1" if to_history else "0",
+                )
             )
-        now_ms = int(now * 1000)
-        head = (
-            self.history_cap,
-            self.ttl_seconds,
-            self._shard_maxlen,
-            self.dedup_cap,
-            now_ms,
-            self.dedup_window_ms,
-        )
-        calls = [
-            ([self.items_key(user), self.events_key(user), self.stream_key_for(user)], [user, *head, *rest])
-            for user, rest in groups.items()
-        ]
-        with redis_errors():
-            results = await self._run_scripts(calls)
-        flags = {user: iter(result) for user, result in zip(groups, results, strict=True)}
-        applied = [bool(int(next(flags[event.user_id]))) for event in events]  # back in request order
-        accepted = sum(applied)
-        return AppendResult(accepted=accepted, duplicates=len(events) - accepted, applied=applied)
+        return groups
 
-    async def _run_scripts(self, calls: list[tuple[list[str], list[Any]]]) -> list[list[int]]:
+    async def _run_scripts(
+        self,
+        calls: list[tuple[list[str], list[Any]]],
+        script: Any = None,
+        also: Callable[[Any], None] | None = None,
+    ) -> list[list[int]]:
         """EVALSHA each (keys, args) in one pipeline (concurrently on a cluster), the ack wait
         last; load the script and rerun the calls that got NOSCRIPT.
 
         A NOSCRIPT reply means that call did nothing, so rerunning only those is safe.
         (redis-py's ``Script`` in a pipeline would send ``SCRIPT EXISTS`` first, every time.)
+
+        Args:
+            calls: (keys, args) per script call.
+            script: the registered script (the append script by default; only it waits for
+                the ack policy).
+            also: queues more commands on the first round's pipeline (once, whatever the retries).
         """
+        script = script or self._script
         results: list[Any] = [None] * len(calls)
         pending = list(range(len(calls)))
         for attempt in range(2):
-            replies = await self._send(calls, pending)
+            replies = await self._send(calls, pending, script, also if attempt == 0 else None)
             missing = []
             for i, reply in zip(pending, replies, strict=True):
                 if isinstance(reply, NoScriptError) and attempt == 0:
@@ -483,35 +642,86 @@ class HistoryStore:
                     results[i] = reply
             if not missing:
                 break
-            self._script.sha = await self.redis.script_load(self._script.script)
+            script.sha = await self.redis.script_load(script.script)
             pending = missing
         return results
 
-    async def _send(self, calls: list[tuple[list[str], list[Any]]], pending: list[int]) -> list[Any]:
+    async def _send(
+        self,
+        calls: list[tuple[list[str], list[Any]]],
+        pending: list[int],
+        script: Any,
+        also: Callable[[Any], None] | None,
+    ) -> list[Any]:
         """One round of script calls; the replies in ``pending``'s order (errors as values)."""
-        sha = self._script.sha
+        sha = script.sha
         if isinstance(self.redis, aioredis.RedisCluster):
             # Cluster pipelines refuse EVALSHA: send the calls concurrently, each to its slot's node
             # (after the slot map is loaded: concurrent first calls would race to load it).
             await self.redis.initialize()
-            return await asyncio.gather(
+            replies = await asyncio.gather(
                 *(self.redis.evalsha(sha, len(calls[i][0]), *calls[i][0], *calls[i][1]) for i in pending),
                 return_exceptions=True,
             )
-        wait = self._ack_plan.command if self._ack_plan else None
+            if also:
+                async with self.redis.pipeline() as pipe:
+                    also(pipe)
+                    await pipe.execute()
+            return replies
+        wait = self._ack_plan.command if self._ack_plan and script is self._script else None
         async with self.redis.pipeline(transaction=False) as pipe:
             for i in pending:
                 keys, args = calls[i]
                 pipe.evalsha(sha, len(keys), *keys, *args)
             if wait:  # on the same connection, after the writes: it waits for them
                 pipe.execute_command(*wait)
+            extra = len(pipe.command_stack)
+            if also:
+                also(pipe)
             replies = await pipe.execute(raise_on_error=False)
+        replies, tail = replies[:extra], replies[extra:]
+        for reply in tail:
+            if isinstance(reply, Exception):
+                raise reply
         if wait:
             wait_reply = replies.pop()
             if isinstance(wait_reply, Exception):
                 raise wait_reply
             self._ack_plan.check(wait_reply, self.ack_policy)
         return replies
+
+    async def log_impressions(
+        self, impressions: list[Impression], now: float, count: Callable[[Any], None] | None = None
+    ) -> None:
+        """Append each list to its user's stream bucket as an ``impression`` entry, keep it for
+        attribution (users only), and queue ``count``'s commands (the online metrics) on the
+        same pipeline: one round trip.
+
+        Raises:
+            StoreUnavailable: when Redis fails (some lists may have been logged).
+        """
+        now_ms = int(now * 1000)
+        calls = []
+        for imp in impressions:
+            members = UNIT_SEPARATOR + UNIT_SEPARATOR.join(imp.items) + UNIT_SEPARATOR if imp.items else ""
+            args = [
+                imp.user_id,
+                imp.recommendation_id,
+                imp.model_version,
+                imp.mode,
+                now_ms,
+                repr(now),
+                imp.route,
+                json.dumps(imp.items, separators=(",", ":")),
+                members,
+                self._shard_maxlen,
+                self.attribution_ms,
+                SERVED_CAP,
+                "1" if imp.user_id and imp.items else "0",
+            ]
+            calls.append(([self.served_key(imp.user_id), self.stream_key_for(imp.user_id)], args))
+        with redis_errors():
+            await self._run_scripts(calls, self._impression_script, count)
 
     async def history(self, user_id: str, limit: int) -> list[str]:
         """The user's last ``limit`` item ids, oldest first; empty for an unknown user.

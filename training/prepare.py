@@ -22,6 +22,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -52,6 +53,9 @@ class PrepareConfig:
             unless it has a zone), or a span before now (90d, 12h, 2w). Of an event archive
             only the days from then on are read.
         until: only events before this time (the same forms).
+        event_types: comma-separated event types to learn from (a log or archive with an
+            ``event_type`` column; rows without a type are ``view``); empty: every type.
+            The service's impressions (served lists) are never read as events.
     """
 
     k: int = 5
@@ -62,6 +66,7 @@ class PrepareConfig:
     max_skipped_fraction: float = 0.01
     since: str | None = None
     until: str | None = None
+    event_types: str = ""
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -102,6 +107,7 @@ def read_log(
     max_skipped_fraction: float = 0.0,
     since: float | None = None,
     until: float | None = None,
+    event_types: frozenset[str] | None = None,
 ) -> Log:
     """Read an interaction log: CSV (``.csv``, ``.tsv``, either ``.gz``), Parquet (``.parquet``,
     ``.pq``) or an event archive (a folder or fsspec URL written by ``mqsa events archive``).
@@ -120,11 +126,10 @@ def read_log(
             first few) for a missing file, an unknown extension, an unreadable or empty
             file, missing columns, or more unusable rows than ``max_skipped_fraction``.
     """
-    if is_archive(path):
-        raw, is_csv = read_archive(str(path), since), False
-    else:
-        path = Path(path)
-        raw, is_csv = _read_table(path)
+    archive = is_archive(path)
+    path = path if archive else Path(path)
+    raw, is_csv = (read_archive(str(path), since), False) if archive else _read_table(Path(path))
+    raw = only_events(raw, event_types)
     missing = [c for c in (user_col, item_col, time_col) if c not in raw.columns]
     if missing:
         raise DataError(f"missing column(s) {missing}; the file has columns {list(raw.columns)}", path)
@@ -211,8 +216,49 @@ def is_archive(path: str | Path) -> bool:
     return "://" in str(path) or Path(path).is_dir()
 
 
-ARCHIVE_COLUMNS = ["user_id", "item_id", "timestamp"]
+IMPRESSION = "impression"  # the service's served lists in its streams (docs/feedback.md)
+UNTYPED = "view"  # the type of an event logged before events had types
+
+
+def only_events(raw: pd.DataFrame, event_types: frozenset[str] | None = None) -> pd.DataFrame:
+    """The rows that are events (never impressions), of ``event_types`` when given; a log
+    without an ``event_type`` column is all events of the type ``view``."""
+    if "event_type" not in raw.columns:
+        return raw if not event_types or UNTYPED in event_types else raw.iloc[:0]
+    kind = raw["event_type"].fillna(UNTYPED).astype(str)
+    keep = kind.ne(IMPRESSION) if not event_types else kind.isin(event_types)
+    return raw[keep.to_numpy()]
+
+
+ARCHIVE_COLUMNS = ["user_id", "item_id", "timestamp", "event_type"]
 ARCHIVE_KEY = ["stream", "stream_id"]  # one entry of one stream: copies share it
+
+
+# An intentional copy of service/archive.py's SCHEMA (which imports redis, absent from the
+# trainer's extra); tests/service/test_boundary_copies.py checks they agree.
+ARCHIVE_SCHEMA = (
+    ("user_id", "string"),
+    ("item_id", "string"),
+    ("timestamp", "double"),
+    ("event_id", "string"),
+    ("event_type", "string"),
+    ("recommendation_id", "string"),
+    ("items", "list<item: string>"),
+    ("model_version", "string"),
+    ("route", "string"),
+    ("mode", "string"),
+    ("stream", "string"),
+    ("stream_id", "string"),
+    ("extra", "string"),
+)
+
+
+def archive_schema() -> Any:
+    """The archive's columns and its ``date`` partition, as a ``pyarrow.Schema``."""
+    import pyarrow as pa
+
+    types = {"string": pa.string(), "double": pa.float64(), "list<item: string>": pa.list_(pa.string())}
+    return pa.schema([*((name, types[kind]) for name, kind in ARCHIVE_SCHEMA), ("date", pa.string())])
 
 
 def read_archive(url: str, since: float | None = None) -> pd.DataFrame:
@@ -236,7 +282,9 @@ def read_archive(url: str, since: float | None = None) -> pd.DataFrame:
         fs, root = fsspec.core.url_to_fs(url)
         if not fs.isdir(root):
             raise DataError("no such archive folder", url)
-        dataset = ds.dataset(root, filesystem=fs, format="parquet", partitioning="hive")
+        # The archive's schema, so files from before a column existed read it as null.
+        schema = archive_schema()
+        dataset = ds.dataset(root, schema=schema, filesystem=fs, format="parquet", partitioning="hive")
         if not dataset.files:
             raise DataError("the archive holds no Parquet file (a folder is read as an event archive)", url)
         where = None
@@ -382,9 +430,9 @@ def prepare(
         None if text is None else parse_time(text, name=f"--{name}")
         for name, text in (("since", config.since), ("until", config.until))
     )
-    read = read_log(
-        log_path, config.user_col, config.item_col, config.time_col, config.max_skipped_fraction, since, until
-    )
+    types = frozenset(t.strip() for t in config.event_types.split(",") if t.strip()) or None
+    columns = (config.user_col, config.item_col, config.time_col)
+    read = read_log(log_path, *columns, config.max_skipped_fraction, since, until, types)
     log = read.frame
     kept = kcore(log, k, user_k=max(k, MIN_LENGTH))
     dropped_short = 0 if k >= MIN_LENGTH else kcore(log, k)["user_id"].nunique() - kept["user_id"].nunique()

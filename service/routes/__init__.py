@@ -3,8 +3,11 @@
 events      POST /events                       write
 recommend   POST /recommend                    read
 model       GET /model, POST /admin/reload     read, admin
+traffic     GET, PUT /admin/traffic            admin
+stats       GET /stats                         read
 health      GET /healthz, /readyz (open), /metrics (admin unless MQSA_PUBLIC_METRICS)
 docs        GET /openapi.json, /docs           read unless MQSA_PUBLIC_DOCS
+dashboard   GET /dashboard, /dashboard/static/* open (the page holds no data; it reads /stats)
 """
 
 from __future__ import annotations

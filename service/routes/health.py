@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from mqsa.errors import StoreUnavailable
-from mqsa.service.deps import MetricsDep, RegistryDep, StoreDep, requires
+from mqsa.service.deps import MetricsDep, RegistryDep, StatsDep, StoreDep, requires
 from mqsa.service.keys import Scope
 from mqsa.service.routes import KEY_ERRORS, errors
 from mqsa.service.schemas import HealthOut, ReadyOut, RedisMemory
@@ -69,5 +71,9 @@ async def readyz(
     response_class=Response,
     summary="Prometheus metrics",
 )
-async def metrics_endpoint(metrics: MetricsDep) -> Response:
+async def metrics_endpoint(metrics: MetricsDep, stats: StatsDep) -> Response:
+    """This process's counters, and the online metrics' cluster-wide totals read from Redis now
+    (``mqsa_online_*``; left at their last values when Redis does not answer)."""
+    with contextlib.suppress(StoreUnavailable):
+        metrics.online.update(await stats.totals())
     return Response(content=metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -3,12 +3,14 @@ and the items similar to one: GET or POST /items/{item_id}/similar (read)."""
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
 
 from mqsa.errors import NotFound
-from mqsa.service.deps import CatalogueDep, MetricsDep, RegistryDep, requires
+from mqsa.service.deps import CatalogueDep, FeedbackDep, MetricsDep, RegistryDep, SettingsDep, requires
+from mqsa.service.feedback import new_recommendation_id
 from mqsa.service.keys import Scope
 from mqsa.service.recommender import Ask, similar
 from mqsa.service.routes import BODY_ERRORS, KEY_ERRORS, errors
@@ -24,6 +26,7 @@ from mqsa.service.schemas import (
     SimilarIn,
     SimilarOut,
 )
+from mqsa.service.store import Impression
 
 router = APIRouter(tags=["items"])
 DEFAULTS = {"categories": [], "labels": {}, "available": True, "expires_at": None}  # what null sets
@@ -87,12 +90,18 @@ async def get_similar(
     item_id: ItemId,
     registry: RegistryDep,
     metrics: MetricsDep,
+    settings: SettingsDep,
+    feedback: FeedbackDep,
     n: Annotated[int, Query(ge=1, le=MAX_N)] = 10,
+    user_id: Annotated[str | None, Query(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)] = None,
 ) -> SimilarOut:
     """Nearest by the inner product of the item embeddings (TED distils item-to-item
     transitions into them), never the item itself, within the catalogue's rules. For
-    "what comes after this item", ask /recommend with ``recent_items: [item_id]``."""
-    return _similar(registry, metrics, item_id, SimilarIn(n=n))
+    "what comes after this item", ask /recommend with ``recent_items: [item_id]``.
+
+    With ``user_id`` the list is the user's A/B arm's, and the user's later events on its
+    items count as its hits (``GET /stats``)."""
+    return await _similar(registry, metrics, settings, feedback, item_id, SimilarIn(n=n, user_id=user_id))
 
 
 @router.post(
@@ -103,14 +112,38 @@ async def get_similar(
     summary="The items nearest to one item, with a filter",
 )
 async def post_similar(
-    item_id: ItemId, body: SimilarIn, registry: RegistryDep, metrics: MetricsDep
+    item_id: ItemId,
+    body: SimilarIn,
+    registry: RegistryDep,
+    metrics: MetricsDep,
+    settings: SettingsDep,
+    feedback: FeedbackDep,
 ) -> SimilarOut:
-    return _similar(registry, metrics, item_id, body)
+    return await _similar(registry, metrics, settings, feedback, item_id, body)
 
 
-def _similar(registry: RegistryDep, metrics: MetricsDep, item_id: str, body: SimilarIn) -> SimilarOut:
-    served = registry.served  # one model and its rules to the end of the request
+async def _similar(
+    registry: RegistryDep,
+    metrics: MetricsDep,
+    settings: SettingsDep,
+    feedback: FeedbackDep,
+    item_id: str,
+    body: SimilarIn,
+) -> SimilarOut:
+    start = time.perf_counter()
+    served = registry.pick(body.user_id).served  # one model and its rules to the end of the request
     ask = Ask(body.n, set(body.exclude_items), FilterIn.rules(body.filter), body.max_per_category)
     found = similar(served.bundle, served.rules, item_id, ask, metrics)
+    version = served.bundle.model_version
+    recommendation_id = None
+    if settings.log_impressions:
+        recommendation_id = new_recommendation_id(version)
+        listed = [i for i, _ in found]
+        latency = time.perf_counter() - start
+        await feedback.served(
+            [Impression(body.user_id or "", recommendation_id, version, "served", "similar", listed, latency)]
+        )
     items = [ScoredItem(item_id=i, score=s) for i, s in found]
-    return SimilarOut(item_id=item_id, items=items, model_version=served.bundle.model_version)
+    return SimilarOut(
+        item_id=item_id, items=items, model_version=version, recommendation_id=recommendation_id
+    )

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import time
 
 from fastapi import APIRouter, Depends, Request, Response
+from starlette.background import BackgroundTask
 
 from mqsa.errors import StoreUnavailable
-from mqsa.service.deps import MetricsDep, RegistryDep, SettingsDep, StoreDep, requires
+from mqsa.service.batching import Batcher
+from mqsa.service.deps import FeedbackDep, MetricsDep, RegistryDep, SettingsDep, StoreDep, requires
+from mqsa.service.feedback import Feedback, new_recommendation_id
 from mqsa.service.keys import Scope
-from mqsa.service.recommender import Ask, recommend
+from mqsa.service.metrics import Metrics
+from mqsa.service.recommender import Ask, Recommendation, recommend
+from mqsa.service.registry import Served
 from mqsa.service.routes import BODY_ERRORS, KEY_ERRORS, errors
 from mqsa.service.schemas import FilterIn, RecommendIn, RecommendOut
+from mqsa.service.store import Impression
 
 router = APIRouter(tags=["recommend"])
 
@@ -33,6 +40,7 @@ async def post_recommend(
     registry: RegistryDep,
     metrics: MetricsDep,
     settings: SettingsDep,
+    feedback: FeedbackDep,
 ) -> Response:
     """Reads the stored history (or uses ``recent_items``), encodes, blends, and searches once
     within the catalogue's rules, the ``filter`` and the exclusions.
@@ -41,35 +49,34 @@ async def post_recommend(
     same rules. If Redis cannot be read, ``recent_items`` or the popular items answer with
     ``degraded: true``. Items of the catalogue the model does not know yet may take
     MQSA_EXPLORE_SHARE of the list (``"source": "explore"``, ``"score": null``).
+
+    With A/B traffic a stable hash of `user_id` picks the model (`model_version` says
+    which); shadow models score the request after the answer is sent, and their lists
+    are only logged. The answer's `recommendation_id` goes back with the user's events
+    on its items (docs/feedback.md).
     """
-    served = registry.served  # this request uses this model and its rules to the end, whatever a reload does
+    start = time.perf_counter()
+    pick = registry.pick(body.user_id)
+    served = pick.served  # this request uses this model and its rules to the end, whatever a reload does
     bundle = served.bundle
-    degraded = False
-    stored: list[str] = []
-    if body.recent_items is None or body.exclude_seen:
-        try:
-            with metrics.time_stage("redis"):
-                stored = await store.history(body.user_id, settings.history_cap)
-        except StoreUnavailable:
-            degraded = True
-            metrics.fallbacks.labels(reason="redis_unavailable").inc()
+    stored, degraded = await _stored(body, store, metrics, settings.history_cap)
     history = body.recent_items if body.recent_items is not None else stored
-    exclude = set(body.exclude_items)
-    if body.exclude_seen:
-        exclude.update(stored)
-        if body.recent_items is not None:
-            exclude.update(body.recent_items)
-    ask = Ask(
-        n=body.n,
-        exclude=exclude,
-        flt=FilterIn.rules(body.filter),
-        max_per_category=body.max_per_category,
-        explore_share=settings.explore_share if body.explore else 0.0,
-        explore_pick=settings.explore_pick,
-    )
-    result = await recommend(
-        bundle, served.rules, history, ask, body.alpha, metrics, request.app.state.batcher
-    )
+    ask = _ask(body, stored, settings)
+    batcher = request.app.state.batcher
+    result = await recommend(bundle, served.rules, history, ask, body.alpha, metrics, batcher)
+    recommendation_id = None
+    shadows = None
+    if settings.log_impressions:
+        version = bundle.model_version
+        recommendation_id = new_recommendation_id(version)
+        impression = _impression(body.user_id, recommendation_id, version, "served", result, start)
+        if degraded:  # Redis failed this request already: do not wait for it a second time
+            feedback.dropped("impressions", 1)
+        else:
+            await feedback.served([impression])
+            if pick.shadows:
+                args = (pick.shadows, body.user_id, history, ask, body.alpha, metrics, batcher, feedback)
+                shadows = BackgroundTask(_shadow, *args)
     # The hot path: serialised directly, not re-validated (the shape is RecommendOut's).
     payload = {
         "user_id": body.user_id,
@@ -78,7 +85,73 @@ async def post_recommend(
             for i, s, source in result.items
         ],
         "model_version": bundle.model_version,
+        "recommendation_id": recommendation_id,
         "source": result.source,
         "degraded": degraded,
     }
-    return Response(content=json.dumps(payload, separators=(",", ":")), media_type="application/json")
+    content = json.dumps(payload, separators=(",", ":"))
+    return Response(content=content, media_type="application/json", background=shadows)
+
+
+async def _stored(body: RecommendIn, store: StoreDep, metrics: Metrics, cap: int) -> tuple[list[str], bool]:
+    """The user's stored history when the request needs it, and whether Redis failed to give it."""
+    if body.recent_items is not None and not body.exclude_seen:
+        return [], False
+    try:
+        with metrics.time_stage("redis"):
+            return await store.history(body.user_id, cap), False
+    except StoreUnavailable:
+        metrics.fallbacks.labels(reason="redis_unavailable").inc()
+        return [], True
+
+
+def _ask(body: RecommendIn, stored: list[str], settings: SettingsDep) -> Ask:
+    exclude = set(body.exclude_items)
+    if body.exclude_seen:
+        exclude.update(stored)
+        if body.recent_items is not None:
+            exclude.update(body.recent_items)
+    return Ask(
+        n=body.n,
+        exclude=exclude,
+        flt=FilterIn.rules(body.filter),
+        max_per_category=body.max_per_category,
+        explore_share=settings.explore_share if body.explore else 0.0,
+        explore_pick=settings.explore_pick,
+    )
+
+
+def _impression(
+    user_id: str, recommendation_id: str, model_version: str, mode: str, result: Recommendation, start: float
+) -> Impression:
+    return Impression(
+        user_id=user_id,
+        recommendation_id=recommendation_id,
+        model_version=model_version,
+        mode=mode,
+        route="recommend",
+        items=[item_id for item_id, _, _ in result.items],
+        latency_seconds=time.perf_counter() - start,
+        fallback=None if result.source == "model" else "no_usable_history",
+    )
+
+
+async def _shadow(
+    shadows: tuple[Served, ...],
+    user_id: str,
+    history: list[str],
+    ask: Ask,
+    alpha: float | None,
+    metrics: Metrics,
+    batcher: Batcher,
+    feedback: Feedback,
+) -> None:
+    """Score the request with each shadow model, after the answer is sent, and log their lists."""
+    impressions = []
+    for served in shadows:
+        start = time.perf_counter()
+        result = await recommend(served.bundle, served.rules, history, ask, alpha, metrics, batcher)
+        version = served.bundle.model_version
+        rec_id = new_recommendation_id(version)
+        impressions.append(_impression(user_id, rec_id, version, "shadow", result, start))
+    await feedback.served(impressions)

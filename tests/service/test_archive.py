@@ -22,7 +22,7 @@ from mqsa.cli import main as cli_main
 from mqsa.service.app import create_app
 from mqsa.service.archive import Archiver, ArchiveSink, PassResult, stream_tag
 from mqsa.service.settings import Settings
-from mqsa.service.store import Event, HistoryStore, connect, stream_keys
+from mqsa.service.store import Event, HistoryStore, Impression, connect, stream_keys
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,13 +109,44 @@ def test_fields_the_archive_does_not_know_are_kept_in_extra(redis_url, key_prefi
     key = stream_keys(key_prefix, 1)[0]
     client = sync_redis.Redis.from_url(redis_url)
     try:
-        client.xadd(key, {"user_id": "u", "item_id": "i", "timestamp": "soon", "event_type": "click"})
+        client.xadd(key, {"user_id": "u", "item_id": "i", "timestamp": "soon", "channel": "app"})
+        client.xadd(key, {"user_id": "u", "item_id": "", "event_type": "impression", "items": "not json"})
     finally:
         client.close()
     archive_once(redis_url, key_prefix, str(tmp_path), shards=1)
-    (row,) = rows_in(tmp_path)
-    assert row["timestamp"] is None and row["event_id"] is None
-    assert json.loads(row["extra"]) == {"event_type": "click", "timestamp": "soon"}
+    row, impression = rows_in(tmp_path)
+    assert row["timestamp"] is None and row["event_id"] is None and row["event_type"] is None
+    assert json.loads(row["extra"]) == {"channel": "app", "timestamp": "soon"}
+    assert impression["items"] is None and json.loads(impression["extra"]) == {"items": "not json"}
+
+
+def test_impressions_and_typed_events_have_their_columns(redis_url, key_prefix, tmp_path):
+    """What docs/feedback.md promises the archive holds: an impression's list, model and route,
+    an event's type and recommendation id, as columns."""
+
+    async def main() -> None:
+        client = connect(redis_url, timeout_seconds=3.0)
+        try:
+            store = HistoryStore(client, prefix=key_prefix, stream_shards=1, stream_archive=True)
+            rec = "0123456789abcdef-019ad3f2a1c0-7c1e02ab"
+            imp = Impression("u", rec, "0123456789abcdef", "served", "recommend", ["a", "b,c"], 0.002)
+            await store.log_impressions([imp], 1_764_480_000.0)
+            await store.append([Event("u", "b,c", 1_764_480_001.0, "e1", "purchase", rec)])
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+    archive_once(redis_url, key_prefix, str(tmp_path), shards=1)
+    impression, purchase = rows_in(tmp_path)
+    assert impression["event_type"] == "impression" and impression["items"] == ["a", "b,c"]
+    assert (impression["model_version"], impression["route"], impression["mode"]) == (
+        "0123456789abcdef",
+        "recommend",
+        "served",
+    )
+    assert impression["recommendation_id"] == purchase["recommendation_id"]
+    assert purchase["event_type"] == "purchase" and purchase["item_id"] == "b,c"
+    assert purchase["items"] is None and purchase["extra"] is None
 
 
 def test_a_crash_after_the_write_and_before_the_ack_doubles_nothing(redis_url, key_prefix, tmp_path):

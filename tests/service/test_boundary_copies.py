@@ -79,3 +79,12 @@ def test_the_versions_json_writer_agrees_with_the_trainers(tmp_path) -> None:
     versions.write_json_atomic(tmp_path / "service.json", payload)
     assert (tmp_path / "service.json").read_bytes() == (tmp_path / "trainer.json").read_bytes()
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_archive_schema_agrees_with_the_archivers() -> None:
+    from mqsa.service.archive import SCHEMA
+    from mqsa.training.prepare import archive_schema
+
+    read = archive_schema()
+    assert read.names == [*SCHEMA.names, "date"]
+    assert [str(f.type) for f in read][:-1] == [str(f.type) for f in SCHEMA]

@@ -9,7 +9,7 @@ import pytest
 
 from mqsa.errors import StoreUnavailable
 from mqsa.service.event_log import export_events, export_events_sync
-from mqsa.service.store import Event, HistoryStore, connect
+from mqsa.service.store import Event, HistoryStore, Impression, connect
 from mqsa.training.prepare import read_log
 
 EVENTS = [
@@ -61,8 +61,9 @@ def test_export_writes_a_log_the_raw_reader_accepts(redis_url, key_prefix, tmp_p
 
     with out.open(newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["user_id", "item_id", "timestamp", "event_id"]
-    assert [(u, i, float(t), e) for u, i, t, e in rows[1:]] == EXPECTED
+    assert rows[0] == ["user_id", "item_id", "timestamp", "event_id", "event_type", "recommendation_id"]
+    assert [(u, i, float(t), e) for u, i, t, e, _, _ in rows[1:]] == EXPECTED
+    assert {(kind, rec) for *_, kind, rec in rows[1:]} == {("view", "")}
 
     log = read_log(out).frame
     assert list(log["user_id"]) == [r[0] for r in EXPECTED]
@@ -90,7 +91,7 @@ def test_export_from_a_start_id_and_the_sync_wrapper(redis_url, key_prefix, tmp_
 def test_export_of_a_missing_stream_writes_the_header_only(redis_url, key_prefix, tmp_path):
     out = tmp_path / "empty.csv"
     assert export(redis_url, f"{key_prefix}:events", out) == 0
-    assert out.read_bytes() == b"user_id,item_id,timestamp,event_id\r\n"
+    assert out.read_bytes() == b"user_id,item_id,timestamp,event_id,event_type,recommendation_id\r\n"
 
 
 def test_export_with_redis_down_raises_and_leaves_no_file(redis_server_factory, tmp_path):
@@ -122,3 +123,24 @@ def test_export_reads_every_bucket_stream(redis_url, key_prefix, tmp_path):
     log = read_log(out).frame
     for user, rows in log.groupby("user_id", sort=False):
         assert list(rows["item_id"]) == [f"i{n}" for n in range(40) if f"u{n % 7}" == user]
+
+
+def test_export_leaves_impressions_out_and_keeps_types(redis_url, key_prefix, tmp_path):
+    async def main() -> str:
+        client = connect(redis_url, timeout_seconds=3.0)
+        try:
+            store = HistoryStore(client, prefix=key_prefix)
+            rec = "0123456789abcdef-019ad3f2a1c0-7c1e02ab"
+            served = Impression("alice", rec, "0123456789abcdef", "served", "recommend", ["a", "b"], 0.001)
+            await store.log_impressions([served], 1_700_000_000.0)
+            await store.append([Event("alice", "a", 1_700_000_001.0, None, "click", rec)])
+            return store.stream_keys[0]
+        finally:
+            await client.aclose()
+
+    stream_key = asyncio.run(main())
+    out = tmp_path / "log.csv"
+    assert export(redis_url, stream_key, out) == 1
+    with out.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[1:] == [["alice", "a", "1700000001.0", "", "click", "0123456789abcdef-019ad3f2a1c0-7c1e02ab"]]
