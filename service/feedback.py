@@ -9,19 +9,23 @@ lists they hit or converted (the store's script finds them); :meth:`Feedback.eve
 counts those, the clicks and purchases carrying a recommendation id, and the events per
 type. docs/feedback.md defines every number.
 
-Logging never fails a request: when Redis cannot take it, the answer is still sent and
-``mqsa_feedback_dropped_total`` counts what was not recorded.
+The lists of the requests that are ready at the same time are logged together, in one
+pipeline (one round trip for a burst), as the history reads are (``service/store.py``).
+
+Logging never fails a request: whatever Redis answers (down, full, a refused command),
+the answer is still sent, or the events' 200, and ``mqsa_feedback_dropped_total``
+counts what was not recorded (the log says why).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
 from collections import Counter
 from collections.abc import Sequence
 
-from mqsa.errors import StoreUnavailable
 from mqsa.service.metrics import Metrics
 from mqsa.service.settings import Settings
 from mqsa.service.stats import CountKey, OnlineStats
@@ -57,19 +61,38 @@ class Feedback:
         self.click_type = settings.click_event_type
         self.conversion_type = settings.conversion_event_type
         self.metrics = metrics
+        self._pending: list[tuple[list[Impression], asyncio.Future]] = []
+        self._tasks: set[asyncio.Task] = set()
 
     async def served(self, impressions: list[Impression]) -> None:
-        """Log the lists and count them; on a Redis failure, count them as dropped."""
+        """Log the lists and count them, with those of the other requests ready now; never raises
+        (a failure counts them as dropped)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((impressions, future))
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush)
+        await future
+
+    def _flush(self) -> None:
+        task = asyncio.ensure_future(self._log_together())
+        self._tasks.add(task)  # the loop holds tasks weakly
+        task.add_done_callback(self._tasks.discard)
+
+    async def _log_together(self) -> None:
+        pending, self._pending = self._pending, []
+        impressions = [imp for batch, _ in pending for imp in batch]
         now = time.time()
-
-        def count(pipe) -> None:
-            for imp in impressions:
-                self.stats.add_impression(pipe, imp, now)
-
         try:
-            await self.store.log_impressions(impressions, now, count)
-        except StoreUnavailable as exc:
+            await self.store.log_impressions(
+                impressions, now, [self.stats.impressions_call(impressions, now)]
+            )
+        except Exception as exc:  # never fail an answer over its log (counted, logged)
             self.dropped("impressions", len(impressions), exc)
+        finally:
+            for _, future in pending:
+                if not future.done():
+                    future.set_result(None)
 
     def dropped(self, what: str, n: int, exc: Exception | None = None) -> None:
         self.metrics.feedback_dropped.labels(what=what).inc(n)
@@ -95,5 +118,5 @@ class Feedback:
                 counts[(version, mode, "hits" if kind == "h" else "conversions")] += 1
         try:
             await self.stats.record(counts, types, time.time())
-        except StoreUnavailable as exc:
+        except Exception as exc:  # the events are stored: their 200 stands
             self.dropped("event_counts", sum(types.values()), exc)

@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily
 
 ONLINE_COUNTERS = {  # the online metrics' totals in Redis (service/stats.py), cluster-wide
     "impressions": "Lists served (mode=served) or scored in shadow (mode=shadow), all replicas",
+    "attributable": "Impressions of lists with a user (the ones events can hit), all replicas",
     "clicks": "Clicks carrying a recommendation id of the model, all replicas",
     "hits": "Lists hit by a later event of their user within the attribution window, all replicas",
     "conversions": "Purchases attributed to the model's lists, all replicas",
@@ -62,7 +63,8 @@ class Metrics:
         )
         self.feedback_dropped = Counter(
             "mqsa_feedback_dropped_total",
-            "Impressions or event counts not recorded because Redis failed (the answers were sent)",
+            "What was not recorded because Redis failed (the answers were sent): impressions, "
+            "event_counts, shadow_lists",
             ["what"],
             registry=self.registry,
         )

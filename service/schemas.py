@@ -314,6 +314,7 @@ class LatencyOut(BaseModel):
 class MinuteOut(BaseModel):
     minute: int = Field(description="the minute's start, seconds since the epoch")
     impressions: int
+    attributable: int
     clicks: int
     hits: int
     conversions: int
@@ -325,11 +326,12 @@ class ModelStatsOut(BaseModel):
     mode: Literal["served", "shadow"] | str
     role: str | None = Field(description="champion, challenger, or null for a version no longer loaded")
     impressions: int
+    attributable: int = Field(description="impressions of lists with a user (only those can be hit)")
     clicks: int
     hits: int
     conversions: int
     ctr: float | None = Field(description="clicks / impressions; null with no impression")
-    hit_rate: float | None = Field(description="lists hit within the attribution window / impressions")
+    hit_rate: float | None = Field(description="lists hit within the attribution window / attributable")
     conversion_rate: float | None = Field(description="conversions / impressions")
     distinct_items: int = Field(description="distinct items served in the hours the window touches (HLL)")
     num_items: int | None = Field(description="the model's item count, when it is loaded")

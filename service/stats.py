@@ -12,15 +12,22 @@ one pipeline on a cluster too):
 
 * ``p:{stats}:m:<minute>`` – a HASH per minute (epoch seconds // 60), kept
   :data:`KEEP_SECONDS`; fields ``<version>|<mode>|<counter>`` (counters
-  ``impressions``, ``clicks``, ``hits``, ``conversions``, ``fallback:<reason>``,
+  ``impressions``, ``attributable`` (lists with a user, which events can hit), ``clicks``,
+  ``hits``, ``conversions``, ``fallback:<reason>``,
   ``lat:<bucket>``) and ``events|<event_type>``.
 * ``p:{stats}:total`` – the same fields (no latency) since the first count, for
   Prometheus counters.
 * ``p:{stats}:cov:<version>:<mode>:<hour>`` – a HyperLogLog of the items served in an
-  hour (epoch seconds // 3600), kept :data:`KEEP_SECONDS`; ``...:all`` since the start.
+  hour (epoch seconds // 3600), kept :data:`KEEP_SECONDS`.
+* ``p:{stats}:versions`` – a HASH of the model versions that have served a list (the time
+  of the first). The counts an event brings (clicks, conversions) go to the version its
+  recommendation id names only when that version is here; else to the version
+  ``unknown``: a client making up ids cannot add series without bound.
 
-Writes are queued on the caller's pipeline (:meth:`OnlineStats.add_impression`,
-:meth:`OnlineStats.add_counts`), so an impression and its counts are one round trip.
+An impression's counts are one script call in the pipeline that logs it
+(:meth:`OnlineStats.impressions_call`): one round trip, two commands for a list, one
+more for every other list logged with it. An event request's counts are one
+script call (:meth:`OnlineStats.record`).
 Never imports torch, ``models`` or ``training``.
 """
 
@@ -33,11 +40,59 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mqsa.service.metrics import LATENCY_BUCKETS
-from mqsa.service.store import Impression, as_text, redis_errors
+from mqsa.service.store import Impression, ScriptCall, as_text, redis_errors
 
 KEEP_SECONDS = 8 * 24 * 3600  # a week of minutes, and a day to spare
 MAX_MINUTES = 24 * 60  # the longest window /stats reads
-COUNTERS = ("impressions", "clicks", "hits", "conversions")
+COUNTERS = ("impressions", "attributable", "clicks", "hits", "conversions")
+UNKNOWN = "unknown"  # the version of counts whose recommendation id names no model that served
+
+# KEYS: the minute's hash, the totals, the versions, then the coverage HyperLogLogs. ARGV: keep_seconds,
+# now (seconds), then per list: its coverage key's place in KEYS, version, mode, attributable ('1' or
+# '0'), latency bucket, fallback ('' for none), the number of items, the items.
+IMPRESSIONS_SCRIPT = """#!lua
+local minute, total, versions = KEYS[1], KEYS[2], KEYS[3]
+local keep = ARGV[1]
+local i = 3
+while i <= #ARGV do
+  local cov, head = KEYS[tonumber(ARGV[i])], ARGV[i + 1] .. '|' .. ARGV[i + 2] .. '|'
+  local n = tonumber(ARGV[i + 6])
+  local fields = {'impressions'}
+  if ARGV[i + 3] == '1' then fields[#fields + 1] = 'attributable' end
+  if ARGV[i + 5] ~= '' then fields[#fields + 1] = 'fallback:' .. ARGV[i + 5] end
+  for _, name in ipairs(fields) do
+    redis.call('HINCRBY', minute, head .. name, 1)
+    redis.call('HINCRBY', total, head .. name, 1)
+  end
+  redis.call('HINCRBY', minute, head .. 'lat:' .. ARGV[i + 4], 1)
+  redis.call('HSETNX', versions, ARGV[i + 1], ARGV[2])
+  if n > 0 then
+    redis.call('PFADD', cov, unpack(ARGV, i + 7, i + 6 + n))
+    redis.call('EXPIRE', cov, keep)
+  end
+  i = i + 7 + n
+end
+redis.call('EXPIRE', minute, keep)
+"""
+
+# KEYS: the minute's hash, the totals, the versions. ARGV: keep_seconds, then (version, mode, counter, n)
+# per count; version "events" counts events per type (mode: the type). Returns nothing.
+RECORD_SCRIPT = """#!lua
+local minute, total, versions = KEYS[1], KEYS[2], KEYS[3]
+for i = 2, #ARGV, 4 do
+  local version, mode, counter, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local field
+  if version == 'events' then
+    field = 'events|' .. mode
+  else
+    if redis.call('HEXISTS', versions, version) == 0 then version = 'unknown' end
+    field = version .. '|' .. mode .. '|' .. counter
+  end
+  redis.call('HINCRBY', minute, field, n)
+  redis.call('HINCRBY', total, field, n)
+end
+redis.call('EXPIRE', minute, ARGV[1])
+"""
 
 CountKey = tuple[str, str, str]  # (model_version, mode, counter)
 
@@ -95,6 +150,8 @@ class OnlineStats:
     def __init__(self, redis: Any, prefix: str) -> None:
         self.redis = redis
         self.base = f"{prefix}:{{stats}}"
+        self._record = redis.register_script(RECORD_SCRIPT)
+        self._impressions = redis.register_script(IMPRESSIONS_SCRIPT)
 
     def minute_key(self, minute: int) -> str:
         return f"{self.base}:m:{minute}"
@@ -103,49 +160,51 @@ class OnlineStats:
     def total_key(self) -> str:
         return f"{self.base}:total"
 
+    @property
+    def versions_key(self) -> str:
+        return f"{self.base}:versions"
+
     def coverage_key(self, version: str, mode: str, hour: int | str) -> str:
         return f"{self.base}:cov:{version}:{mode}:{hour}"
 
-    def add_impression(self, pipe: Any, imp: Impression, now: float) -> None:
-        """Queue the counts of one list on ``pipe``: impression, latency, fallback, items served."""
-        head = f"{imp.model_version}|{imp.mode}|"
-        minute, total = self.minute_key(int(now // 60)), self.total_key
-        pipe.hincrby(minute, head + "impressions", 1)
-        pipe.hincrby(total, head + "impressions", 1)
-        pipe.hincrby(minute, f"{head}lat:{latency_bucket(imp.latency_seconds)}", 1)
-        if imp.fallback:
-            pipe.hincrby(minute, f"{head}fallback:{imp.fallback}", 1)
-            pipe.hincrby(total, f"{head}fallback:{imp.fallback}", 1)
-        pipe.expire(minute, KEEP_SECONDS)
-        if imp.items:
-            hour = self.coverage_key(imp.model_version, imp.mode, int(now // 3600))
-            pipe.pfadd(hour, *imp.items)
-            pipe.expire(hour, KEEP_SECONDS)
-            pipe.pfadd(self.coverage_key(imp.model_version, imp.mode, "all"), *imp.items)
-
-    def add_counts(self, pipe: Any, counts: Counter[CountKey], events: Counter[str], now: float) -> None:
-        """Queue model counts (clicks, hits, conversions) and accepted events per type on ``pipe``."""
-        minute = self.minute_key(int(now // 60))
-        fields = {f"{v}|{mode}|{name}": n for (v, mode, name), n in counts.items() if n}
-        fields |= {f"events|{event_type}": n for event_type, n in events.items() if n}
-        for name, n in fields.items():
-            pipe.hincrby(minute, name, n)
-            pipe.hincrby(self.total_key, name, n)
-        if fields:
-            pipe.expire(minute, KEEP_SECONDS)
+    def impressions_call(self, impressions: list[Impression], now: float) -> ScriptCall:
+        """The one script call that counts these lists (impressions, attributable, latency,
+        fallbacks, the versions that served, the items for coverage), for the pipeline that
+        logs them (``HistoryStore.log_impressions``)."""
+        hour = int(now // 3600)
+        keys = [self.minute_key(int(now // 60)), self.total_key, self.versions_key]
+        places: dict[str, int] = {}
+        args: list[Any] = [KEEP_SECONDS, int(now)]
+        for imp in impressions:
+            cov = self.coverage_key(imp.model_version, imp.mode, hour)
+            if cov not in places:
+                keys.append(cov)
+                places[cov] = len(keys)  # Lua counts from 1
+            attributable = "1" if imp.user_id and imp.items else "0"
+            bucket = latency_bucket(imp.latency_seconds)
+            args += [places[cov], imp.model_version, imp.mode, attributable, bucket, imp.fallback or ""]
+            args += [len(imp.items), *imp.items]
+        return self._impressions, keys, args
 
     async def record(self, counts: Counter[CountKey], events: Counter[str], now: float) -> None:
-        """Write counts in one round trip.
+        """Add model counts (clicks, hits, conversions) and accepted events per type, in one call;
+        a count for a version that never served goes to :data:`UNKNOWN`.
 
         Raises:
             StoreUnavailable: when Redis fails.
         """
-        if not any(counts.values()) and not any(events.values()):
+        args: list[Any] = [KEEP_SECONDS]
+        for (version, mode, name), n in counts.items():
+            if n:
+                args += [version, mode, name, n]
+        for event_type, n in events.items():
+            if n:
+                args += ["events", event_type, "", n]
+        if len(args) == 1:
             return
+        keys = [self.minute_key(int(now // 60)), self.total_key, self.versions_key]
         with redis_errors():
-            async with self.redis.pipeline(transaction=False) as pipe:
-                self.add_counts(pipe, counts, events, now)
-                await pipe.execute()
+            await self._record(keys=keys, args=args)
 
     async def totals(self) -> dict[str, int]:
         """Every field of the totals hash (for Prometheus).

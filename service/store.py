@@ -59,7 +59,7 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,39 +98,44 @@ local now = tonumber(ARGV[6])
 local window = tonumber(ARGV[7])
 local attribution = tonumber(ARGV[8])
 local conversion = ARGV[9]
--- the lists served to the user within the attribution window, newest first, read once
-local lists = nil
+-- the lists served to the user within the attribution window, newest first, read once, and
+-- for each item the lists holding it (built once: a call's cost is O(events + listed items))
+local lists, holding = nil, nil
 local function served_lists()
   if lists == nil then
-    lists = {}
+    lists, holding = {}, {}
     for i, entry in ipairs(redis.call('LRANGE', served, 0, -1)) do
       local rec, model, mode, ms, flags, members =
         string.match(entry, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
       if rec and now - tonumber(ms) <= attribution then
-        lists[#lists + 1] = {i - 1, rec, model, mode, ms, flags, members, false}
+        local l = {i - 1, rec, model, mode, ms, flags, members, false}
+        lists[#lists + 1] = l
+        for item in string.gmatch(members, '[^\\31]+') do
+          local at = holding[item]
+          if at then at[#at + 1] = l else holding[item] = {l} end
+        end
       end
     end
   end
-  return lists
+  return holding
 end
 -- a list's first hit marks it ('h' in its flags); a conversion goes to the newest list of each
 -- shadow model holding the item, and to the newest served one unless the event names its list
 local function attribute(item, kind, rec_id, out)
-  local needle = '\\31' .. item .. '\\31'
+  local at = served_lists()[item]
+  if not at then return end
   local converted = {}
   if rec_id ~= '' then converted['served'] = true end
-  for _, l in ipairs(served_lists()) do
-    if string.find(l[7], needle, 1, true) then
-      if not string.find(l[6], 'h', 1, true) then
-        l[6] = l[6] .. 'h'
-        l[8] = true
-        out[#out + 1] = 'h'; out[#out + 1] = l[3]; out[#out + 1] = l[4]
-      end
-      local slot = l[4] == 'served' and 'served' or l[3]
-      if kind == conversion and not converted[slot] then
-        converted[slot] = true
-        out[#out + 1] = 'c'; out[#out + 1] = l[3]; out[#out + 1] = l[4]
-      end
+  for _, l in ipairs(at) do
+    if not string.find(l[6], 'h', 1, true) then
+      l[6] = l[6] .. 'h'
+      l[8] = true
+      out[#out + 1] = 'h'; out[#out + 1] = l[3]; out[#out + 1] = l[4]
+    end
+    local slot = l[4] == 'served' and 'served' or l[3]
+    if kind == conversion and not converted[slot] then
+      converted[slot] = true
+      out[#out + 1] = 'c'; out[#out + 1] = l[3]; out[#out + 1] = l[4]
     end
   end
 end
@@ -184,27 +189,27 @@ return flags
 """
 
 # KEYS: served lists, stream. ARGV: user_id, recommendation_id, model_version, mode, now_ms,
-# timestamp, route, items (JSON), members (the items between \x1f), stream_maxlen (0: never trim),
-# attribution_ms, served_cap, remember ('1': keep the list for attribution).
+# timestamp, route, items (a JSON list of strings), stream_maxlen (0: never trim), attribution_ms,
+# served_cap, remember ('1': keep the list for attribution).
 IMPRESSION_SCRIPT = """#!lua
 local served, stream = KEYS[1], KEYS[2]
 local a = ARGV
 local fields = {'user_id', a[1], 'item_id', '', 'timestamp', a[6], 'event_id', '', 'event_type', 'impression',
   'recommendation_id', a[2], 'items', a[8], 'model_version', a[3], 'route', a[7], 'mode', a[4]}
-if a[10] == '0' then
+if a[9] == '0' then
   redis.call('XADD', stream, '*', unpack(fields))
 else
-  redis.call('XADD', stream, 'MAXLEN', '~', a[10], '*', unpack(fields))
+  redis.call('XADD', stream, 'MAXLEN', '~', a[9], '*', unpack(fields))
 end
-if a[13] == '1' then
-  redis.call('LPUSH', served, a[2] .. '|' .. a[3] .. '|' .. a[4] .. '|' .. a[5] .. '||' .. a[9])
-  redis.call('LTRIM', served, 0, tonumber(a[12]) - 1)
-  redis.call('PEXPIRE', served, a[11])
+if a[12] == '1' then  -- the items between unit separators (31), a control character never in an id
+  local members = '\\31' .. table.concat(cjson.decode(a[8]), '\\31') .. '\\31'
+  redis.call('LPUSH', served, a[2] .. '|' .. a[3] .. '|' .. a[4] .. '|' .. a[5] .. '||' .. members)
+  redis.call('LTRIM', served, 0, tonumber(a[11]) - 1)
+  redis.call('PEXPIRE', served, a[10])
 end
 return 1
 """
 SERVED_CAP = 50  # lists kept per user for attribution (more within the window: the oldest go)
-UNIT_SEPARATOR = "\x1f"  # between item ids in a served list: a control character, never in an id
 
 
 def dedup_key(event_id: str) -> str:
@@ -265,6 +270,7 @@ class Impression:
     fallback: str | None = None
 
 
+ScriptCall = tuple[Any, list[str], list[Any]]  # a registered script, its keys (one slot), its args
 Attribution = tuple[str, str, str]  # kind ("h": a list's first hit, "c": a conversion), model_version, mode
 
 
@@ -571,7 +577,7 @@ class HistoryStore:
         keys = (self.items_key, self.events_key, self.stream_key_for, self.served_key)
         calls = [([key(user) for key in keys], [user, *head, *rest]) for user, rest in groups.items()]
         with redis_errors():
-            results = await self._run_scripts(calls)
+            results = await self._run_scripts([(self._script, keys, args) for keys, args in calls])
         replies = {user: iter(result) for user, result in zip(groups, results, strict=True)}
         outcomes = [next(replies[event.user_id]) for event in events]  # back in request order
         applied = [bool(int(out[0])) for out in outcomes]
@@ -609,29 +615,21 @@ class HistoryStore:
             )
         return groups
 
-    async def _run_scripts(
-        self,
-        calls: list[tuple[list[str], list[Any]]],
-        script: Any = None,
-        also: Callable[[Any], None] | None = None,
-    ) -> list[list[int]]:
-        """EVALSHA each (keys, args) in one pipeline (concurrently on a cluster), the ack wait
-        last; load the script and rerun the calls that got NOSCRIPT.
+    async def _run_scripts(self, calls: list[ScriptCall], wait: bool = True) -> list[Any]:
+        """EVALSHA each (script, keys, args) in one pipeline (concurrently on a cluster), the ack
+        wait last; load the scripts and rerun the calls that got NOSCRIPT.
 
         A NOSCRIPT reply means that call did nothing, so rerunning only those is safe.
         (redis-py's ``Script`` in a pipeline would send ``SCRIPT EXISTS`` first, every time.)
 
         Args:
-            calls: (keys, args) per script call.
-            script: the registered script (the append script by default; only it waits for
-                the ack policy).
-            also: queues more commands on the first round's pipeline (once, whatever the retries).
+            calls: (registered script, keys, args) per call; each call's keys in one slot.
+            wait: wait for the ack policy (``MQSA_ACK``) after the calls.
         """
-        script = script or self._script
         results: list[Any] = [None] * len(calls)
         pending = list(range(len(calls)))
         for attempt in range(2):
-            replies = await self._send(calls, pending, script, also if attempt == 0 else None)
+            replies = await self._send(calls, pending, wait)
             missing = []
             for i, reply in zip(pending, replies, strict=True):
                 if isinstance(reply, NoScriptError) and attempt == 0:
@@ -642,48 +640,33 @@ class HistoryStore:
                     results[i] = reply
             if not missing:
                 break
-            script.sha = await self.redis.script_load(script.script)
+            for script in {id(calls[i][0]): calls[i][0] for i in missing}.values():
+                script.sha = await self.redis.script_load(script.script)
             pending = missing
         return results
 
-    async def _send(
-        self,
-        calls: list[tuple[list[str], list[Any]]],
-        pending: list[int],
-        script: Any,
-        also: Callable[[Any], None] | None,
-    ) -> list[Any]:
+    async def _send(self, calls: list[ScriptCall], pending: list[int], wait: bool) -> list[Any]:
         """One round of script calls; the replies in ``pending``'s order (errors as values)."""
-        sha = script.sha
         if isinstance(self.redis, aioredis.RedisCluster):
             # Cluster pipelines refuse EVALSHA: send the calls concurrently, each to its slot's node
             # (after the slot map is loaded: concurrent first calls would race to load it).
             await self.redis.initialize()
-            replies = await asyncio.gather(
-                *(self.redis.evalsha(sha, len(calls[i][0]), *calls[i][0], *calls[i][1]) for i in pending),
+            return await asyncio.gather(
+                *(
+                    self.redis.evalsha(calls[i][0].sha, len(calls[i][1]), *calls[i][1], *calls[i][2])
+                    for i in pending
+                ),
                 return_exceptions=True,
             )
-            if also:
-                async with self.redis.pipeline() as pipe:
-                    also(pipe)
-                    await pipe.execute()
-            return replies
-        wait = self._ack_plan.command if self._ack_plan and script is self._script else None
+        command = self._ack_plan.command if self._ack_plan and wait else None
         async with self.redis.pipeline(transaction=False) as pipe:
             for i in pending:
-                keys, args = calls[i]
-                pipe.evalsha(sha, len(keys), *keys, *args)
-            if wait:  # on the same connection, after the writes: it waits for them
-                pipe.execute_command(*wait)
-            extra = len(pipe.command_stack)
-            if also:
-                also(pipe)
+                script, keys, args = calls[i]
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            if command:  # on the same connection, after the writes: it waits for them
+                pipe.execute_command(*command)
             replies = await pipe.execute(raise_on_error=False)
-        replies, tail = replies[:extra], replies[extra:]
-        for reply in tail:
-            if isinstance(reply, Exception):
-                raise reply
-        if wait:
+        if command:
             wait_reply = replies.pop()
             if isinstance(wait_reply, Exception):
                 raise wait_reply
@@ -691,19 +674,18 @@ class HistoryStore:
         return replies
 
     async def log_impressions(
-        self, impressions: list[Impression], now: float, count: Callable[[Any], None] | None = None
+        self, impressions: list[Impression], now: float, also: Sequence[ScriptCall] = ()
     ) -> None:
-        """Append each list to its user's stream bucket as an ``impression`` entry, keep it for
-        attribution (users only), and queue ``count``'s commands (the online metrics) on the
-        same pipeline: one round trip.
+        """Append each list to its user's stream bucket as an ``impression`` entry and keep it for
+        attribution (users only), with the ``also`` script calls (the online metrics' counts)
+        in the same pipeline: one round trip.
 
         Raises:
             StoreUnavailable: when Redis fails (some lists may have been logged).
         """
         now_ms = int(now * 1000)
-        calls = []
+        calls: list[ScriptCall] = []
         for imp in impressions:
-            members = UNIT_SEPARATOR + UNIT_SEPARATOR.join(imp.items) + UNIT_SEPARATOR if imp.items else ""
             args = [
                 imp.user_id,
                 imp.recommendation_id,
@@ -712,16 +694,21 @@ class HistoryStore:
                 now_ms,
                 repr(now),
                 imp.route,
-                json.dumps(imp.items, separators=(",", ":")),
-                members,
+                json.dumps(imp.items, ensure_ascii=False, separators=(",", ":")),
                 self._shard_maxlen,
                 self.attribution_ms,
                 SERVED_CAP,
                 "1" if imp.user_id and imp.items else "0",
             ]
-            calls.append(([self.served_key(imp.user_id), self.stream_key_for(imp.user_id)], args))
+            calls.append(
+                (
+                    self._impression_script,
+                    [self.served_key(imp.user_id), self.stream_key_for(imp.user_id)],
+                    args,
+                )
+            )
         with redis_errors():
-            await self._run_scripts(calls, self._impression_script, count)
+            await self._run_scripts([*calls, *also], wait=False)
 
     async def history(self, user_id: str, limit: int) -> list[str]:
         """The user's last ``limit`` item ids, oldest first; empty for an unknown user.

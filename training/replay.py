@@ -219,6 +219,9 @@ def _normalised(frame: pd.DataFrame, ms: np.ndarray, seq: np.ndarray) -> pd.Data
     return out
 
 
+UNKNOWN = "unknown"  # an intentional copy of service/stats.py's (the trainer image has no redis)
+
+
 def model_of(recommendation_id: str) -> str:
     """The model version a recommendation id names (its first part)."""
     return recommendation_id.partition("-")[0]
@@ -287,8 +290,10 @@ def replay_metrics(
 
     Returns:
         ``{"attribution_window_seconds", "hits_at", "models": [{model_version, mode, impressions,
-        clicks, hits, conversions, ctr, hit_rate, conversion_rate, distinct_items, num_items,
-        coverage}], "events": {event_type: count}}``; models in /stats's order.
+        attributable, clicks, hits, conversions, ctr, hit_rate, conversion_rate, distinct_items,
+        num_items, coverage}], "events": {event_type: count}}``; models in /stats's order. A
+        click or purchase whose recommendation id names a version with no list in ``frame``
+        counts for the version ``unknown``, as the service counts it.
     """
     is_imp = frame["event_type"] == IMPRESSION
     in_window = _in(frame["ms"], since, until)
@@ -296,6 +301,9 @@ def replay_metrics(
     shown = frame[is_imp & in_window]
     for (version, mode), n in shown.groupby(["model_version", "mode"]).size().items():
         counts[(version, mode, "impressions")] += int(n)
+    with_user = shown[(shown["user_id"] != "") & (shown["items"].map(_length) > 0)]
+    counts += _per_model(with_user, "attributable")
+    served_ever = set(frame.loc[is_imp, "model_version"])  # the service's versions hash: all time
     distinct = {
         key: int(group["items"].explode().dropna().astype(str).nunique())
         for key, group in shown.groupby(["model_version", "mode"])
@@ -304,7 +312,7 @@ def replay_metrics(
     with_id = events[events["recommendation_id"] != ""]
     for kind, name in ((click_type, "clicks"), (conversion_type, "conversions")):
         for version in with_id.loc[with_id["event_type"] == kind, "recommendation_id"].map(model_of):
-            counts[(version, SERVED, name)] += 1
+            counts[(version if version in served_ever else UNKNOWN, SERVED, name)] += 1
     pairs = _hits(frame, attribution_window_seconds * 1000, served_cap)
     counts += _attributed(pairs, since, until, hits_at, conversion_type)
     types = events["event_type"].value_counts()
@@ -314,6 +322,12 @@ def replay_metrics(
         "models": _model_rows(counts, distinct, num_items or {}),
         "events": {str(k): int(v) for k, v in sorted(types.items())},
     }
+
+
+def _per_model(lists: pd.DataFrame, name: str) -> Counter[tuple[str, str, str]]:
+    """The number of ``lists`` per (version, mode), as ``name``."""
+    sizes = lists.groupby(["model_version", "mode"]).size()
+    return Counter({(version, mode, name): int(n) for (version, mode), n in sizes.items()})
 
 
 def _hits(frame: pd.DataFrame, window_ms: float, cap: int | None) -> pd.DataFrame:
@@ -357,7 +371,8 @@ def _model_rows(
     keys = sorted({(v, m) for v, m, _ in counts}, key=lambda k: (k[1], -counts[(*k, "impressions")], k[0]))
     rows = []
     for version, mode in keys:
-        n = {name: counts[(version, mode, name)] for name in ("impressions", "clicks", "hits", "conversions")}
+        names = ("impressions", "attributable", "clicks", "hits", "conversions")
+        n = {name: counts[(version, mode, name)] for name in names}
         items = distinct.get((version, mode), 0)
         size = num_items.get(version)
         rows.append(
@@ -366,7 +381,7 @@ def _model_rows(
                 "mode": mode,
                 **n,
                 "ctr": _rate(n["clicks"], n["impressions"]),
-                "hit_rate": _rate(n["hits"], n["impressions"]),
+                "hit_rate": _rate(n["hits"], n["attributable"]),
                 "conversion_rate": _rate(n["conversions"], n["impressions"]),
                 "distinct_items": items,
                 "num_items": size,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import logging
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
@@ -14,6 +14,7 @@ from mqsa.service.routes import KEY_ERRORS, errors
 from mqsa.service.schemas import HealthOut, ReadyOut, RedisMemory
 
 router = APIRouter(tags=["health"])
+log = logging.getLogger("mqsa.service")
 
 
 @router.get("/healthz", response_model=HealthOut, summary="The process is alive")
@@ -73,7 +74,10 @@ async def readyz(
 )
 async def metrics_endpoint(metrics: MetricsDep, stats: StatsDep) -> Response:
     """This process's counters, and the online metrics' cluster-wide totals read from Redis now
-    (``mqsa_online_*``; left at their last values when Redis does not answer)."""
-    with contextlib.suppress(StoreUnavailable):
+    (``mqsa_online_*``; left at their last values when Redis does not give them: a scrape
+    never fails over them)."""
+    try:
         metrics.online.update(await stats.totals())
+    except Exception as exc:
+        log.warning("/metrics without fresh online totals: %s", exc)
     return Response(content=metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

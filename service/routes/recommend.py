@@ -146,12 +146,20 @@ async def _shadow(
     batcher: Batcher,
     feedback: Feedback,
 ) -> None:
-    """Score the request with each shadow model, after the answer is sent, and log their lists."""
+    """Score the request with each shadow model, after the answer is sent, and log their lists.
+
+    A shadow that fails (its bundle, its index) is logged and counted as dropped; the others
+    are logged all the same."""
     impressions = []
     for served in shadows:
         start = time.perf_counter()
-        result = await recommend(served.bundle, served.rules, history, ask, alpha, metrics, batcher)
         version = served.bundle.model_version
+        try:
+            result = await recommend(served.bundle, served.rules, history, ask, alpha, metrics, batcher)
+        except Exception as exc:  # the answer is sent; one shadow must not lose the others' lists
+            feedback.dropped("shadow_lists", 1, exc)
+            continue
         rec_id = new_recommendation_id(version)
         impressions.append(_impression(user_id, rec_id, version, "shadow", result, start))
-    await feedback.served(impressions)
+    if impressions:
+        await feedback.served(impressions)

@@ -61,7 +61,7 @@ def _model(m: ModelStats, loaded: tuple | None, span: list[int]) -> ModelStatsOu
         role=role,
         **{c: m.counts[c] for c in COUNTERS},
         ctr=rate(m.counts["clicks"], impressions),
-        hit_rate=rate(m.counts["hits"], impressions),
+        hit_rate=rate(m.counts["hits"], m.counts["attributable"]),
         conversion_rate=rate(m.counts["conversions"], impressions),
         distinct_items=m.distinct_items,
         num_items=num_items,

@@ -430,11 +430,12 @@ def sample_stats(minutes: int) -> dict:
     until = float(int(time.time()) // 60 * 60)
     since = until - 60 * minutes
     series = [
-        {"minute": int(since) + 60 * i, "impressions": i % 7, "clicks": i % 2, "hits": min(i % 3, i % 7),
+        {"minute": int(since) + 60 * i, "impressions": i % 7, "attributable": i % 7, "clicks": i % 2,
+         "hits": min(i % 3, i % 7),
          "conversions": i % 11 == 0, "p99_ms": 2.0 + (i % 5) / 10}
         for i in range(minutes)
     ]  # fmt: skip
-    none = {"impressions": 0, "clicks": 0, "hits": 0, "conversions": 0, "p99_ms": None}
+    none = {"impressions": 0, "attributable": 0, "clicks": 0, "hits": 0, "conversions": 0, "p99_ms": None}
     zeros = [{**p, **none} for p in series]
     common = {"distinct_items": 410, "num_items": 12101, "series": series}
     return {

@@ -142,10 +142,15 @@ def test_a_hit_counts_an_event_on_a_served_item_within_the_window_and_not_after(
         send(client, {"user_id": "early", "item_id": items[3]}, {"user_id": "early", "item_id": items[0]})
         assert model_stats(client, version)["hits"] == 1  # two of its items: the list counts once
         send(client, {"user_id": "other", "item_id": items[1]})  # another user's event: not a hit
-        time.sleep(1.2)
-        send(client, {"user_id": "late", "item_id": late["items"][0]["item_id"]})  # after the window
+        time.sleep(0.6)
+        fresh = recommend(client, "late", recent_items=vocab[20:23], n=5)  # keeps "late"'s lists in Redis
+        time.sleep(0.6)
+        stale = next(
+            i["item_id"] for i in late["items"] if i["item_id"] not in {j["item_id"] for j in fresh["items"]}
+        )
+        send(client, {"user_id": "late", "item_id": stale})  # on the first list only, 1.2 s after it
         stats = model_stats(client, version)
-        assert (stats["impressions"], stats["hits"], stats["hit_rate"]) == (2, 1, 0.5)
+        assert (stats["impressions"], stats["hits"], stats["hit_rate"]) == (3, 1, 1 / 3)
 
 
 def test_purchases_convert_the_named_list_or_the_newest_holding_the_item(pair, vocab) -> None:
@@ -355,16 +360,56 @@ def test_offline_replay_of_the_archive_agrees_with_the_online_numbers(
             if n % 7 == 0:
                 events.append({"user_id": user, "item_id": vocab[(n * 13) % len(vocab)]})  # maybe a hit
             send(client, *events)
+        # the edges: a user past the 50 lists kept for attribution, an anonymous list, a resend, a made-up id
+        heavy = [recommend(client, "heavy", recent_items=vocab[k : k + 2], n=4) for k in range(55)]
+        for k in (0, 4, 5, 30):
+            send(
+                client, {"user_id": "heavy", "item_id": heavy[k]["items"][-1]["item_id"], "event_id": f"h{k}"}
+            )
+        send(client, {"user_id": "heavy", "item_id": heavy[5]["items"][-1]["item_id"], "event_id": "h5"})
+        anonymous = client.get(f"/items/{vocab[3]}/similar", params={"n": 3}).json()
+        click = {"user_id": "z", "item_id": anonymous["items"][0]["item_id"], "event_type": "click"}
+        send(client, {**click, "recommendation_id": anonymous["recommendation_id"]})
+        send(client, {**click, "recommendation_id": "00000000000000ff-019ad3f2a1c0-7c1e02ab"})
         totals = client.get("/stats", params={"minutes": 10}).json()
     archive_once(redis_url, key_prefix, str(tmp_path), shards=2)
     replayed = replay_metrics(read_feedback(str(tmp_path)), config.attribution_window_seconds)
-    counted = ("impressions", "clicks", "hits", "conversions")
+    counted = ("impressions", "attributable", "clicks", "hits", "conversions", "hit_rate")
 
     def table(models: list[dict]) -> dict:
         return {(m["model_version"], m["mode"]): {c: m[c] for c in counted} for m in models}
 
     online = table(totals["models"])
     assert {mode for _, mode in online} == {"served", "shadow"}
-    assert online[next(k for k in online if k[1] == "served")]["clicks"] == 10
+    served = next(k for k in online if k[1] == "served" and k[0] != "unknown")
+    assert online[served]["clicks"] == 11 and online[("unknown", "served")]["clicks"] == 1
+    assert online[served]["impressions"] == online[served]["attributable"] + 1  # the anonymous list
     assert table(replayed["models"]) == online
     assert replayed["events"] == totals["events"]
+
+
+def test_a_failing_stats_write_never_fails_the_request(client_one, redis_url, key_prefix, vocab) -> None:
+    """The events are stored, and the list is computed, before their counts are written: a
+    refused write (here WRONGTYPE) is counted as dropped, and the client gets its answer."""
+    client = sync_redis.Redis.from_url(redis_url)
+    try:
+        client.set(f"{key_prefix}:{{stats}}:total", "not a hash")
+    finally:
+        client.close()
+    answer = recommend(client_one, "w", recent_items=vocab[:2])
+    event = {"user_id": "w", "item_id": answer["items"][0]["item_id"], "event_type": "click"}
+    assert send(client_one, {**event, "recommendation_id": answer["recommendation_id"]})["accepted"] == 1
+    text = client_one.get("/metrics").text
+    assert 'mqsa_feedback_dropped_total{what="impressions"} 1.0' in text
+    assert 'mqsa_feedback_dropped_total{what="event_counts"} 1.0' in text
+
+
+def test_a_made_up_recommendation_id_counts_for_no_real_model(client_one, vocab) -> None:
+    """A click whose id names a version that never served goes to `unknown`: made-up ids
+    cannot add models (or Prometheus series) without bound."""
+    answer = recommend(client_one, "f", recent_items=vocab[:2])
+    made_up = "00000000000000ff-019ad3f2a1c0-7c1e02ab"
+    send(client_one, {"user_id": "f", "item_id": "x", "event_type": "click", "recommendation_id": made_up})
+    versions = {m["model_version"]: m for m in client_one.get("/stats").json()["models"]}
+    assert set(versions) == {answer["model_version"], "unknown"}
+    assert (versions["unknown"]["clicks"], versions[answer["model_version"]]["clicks"]) == (1, 0)

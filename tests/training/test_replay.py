@@ -165,7 +165,14 @@ def test_each_metric_matches_the_hand_computed_case(archive: Path) -> None:
     # A: lists of u1, u6, the similar one, u3, u4 (u5's is before the window, the last at its end)
     assert (a["impressions"], a["clicks"], a["hits"], a["conversions"]) == (5, 1, 5, 1)
     # hits of A: u1 (its click), u6 (the old-schema view), u3 and u4 (the purchases), u5 (before)
-    assert a["ctr"] == 1 / 5 and a["hit_rate"] == 1 and a["conversion_rate"] == 1 / 5
+    # the hit rate is over the lists with a user (4: not the similar one), and the hits of the
+    # window include u5's list from before it: over a window shorter than T it can pass 1
+    assert (
+        a["attributable"] == 4
+        and a["ctr"] == 1 / 5
+        and a["hit_rate"] == 5 / 4
+        and a["conversion_rate"] == 1 / 5
+    )
     assert (a["distinct_items"], a["num_items"], a["coverage"]) == (7, 70, 0.1)
     # B: u2's first list missed (just after T), its second hit (at T), u3's hit, u4's hit and converted
     assert (b["impressions"], b["clicks"], b["hits"], b["conversions"]) == (4, 0, 3, 1)
@@ -235,7 +242,7 @@ def test_cli_prints_the_table_writes_json_and_refuses_in_one_line(
     out = capsys.readouterr().out
     assert code == 0
     assert "| model_version | mode | impressions |" in out
-    assert f"| {A} | served | 5 | 1 | 5 | 1 | 0.2000 | 1.0000 | 0.2000 | 7 | - |" in out
+    assert f"| {A} | served | 5 | 1 | 5 | 1 | 0.2000 | 1.2500 | 0.2000 | 7 | - |" in out
     saved = json.loads(report.read_text())
     assert saved["attribution_window_seconds"] == T and by_model(saved)[(B, "served")]["hits"] == 3
     assert cli_main(["evaluate", "--online", *window, "--json"]) == 0  # T = 1800: u2's first list hit too
@@ -305,3 +312,7 @@ def test_the_served_cap_is_the_services() -> None:
     from mqsa.training.replay import SERVED_CAP as copied
 
     assert copied == SERVED_CAP  # an intentional copy: the trainer's image has no redis
+    from mqsa.service.stats import UNKNOWN
+    from mqsa.training.replay import UNKNOWN as unknown_copy
+
+    assert unknown_copy == UNKNOWN

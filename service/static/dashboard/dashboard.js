@@ -237,7 +237,7 @@
   const CHARTS = [
     { id: "chart-impressions", title: "Impressions per minute", value: (m) => m.impressions, format: fmt.count, whole: true },
     { id: "chart-ctr", title: "CTR per minute", value: (m) => ratio(m.clicks, m.impressions), format: fmt.rate },
-    { id: "chart-hit-rate", title: "Hit rate per minute", value: (m) => ratio(m.hits, m.impressions), format: fmt.rate },
+    { id: "chart-hit-rate", title: "Hit rate per minute", value: (m) => ratio(m.hits, m.attributable), format: fmt.rate },
     { id: "chart-p99", title: "p99 latency per minute", value: (m) => (m.p99_ms == null ? null : m.p99_ms), format: fmt.ms },
   ];
 
