@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, BackgroundTasks, Depends, Path, Query
 
 from mqsa.errors import NotFound
 from mqsa.service.deps import CatalogueDep, FeedbackDep, MetricsDep, RegistryDep, SettingsDep, requires
@@ -92,6 +92,7 @@ async def get_similar(
     metrics: MetricsDep,
     settings: SettingsDep,
     feedback: FeedbackDep,
+    background: BackgroundTasks,
     n: Annotated[int, Query(ge=1, le=MAX_N)] = 10,
     user_id: Annotated[str | None, Query(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)] = None,
 ) -> SimilarOut:
@@ -101,7 +102,8 @@ async def get_similar(
 
     With ``user_id`` the list is the user's A/B arm's, and the user's later events on its
     items count as its hits (``GET /stats``)."""
-    return await _similar(registry, metrics, settings, feedback, item_id, SimilarIn(n=n, user_id=user_id))
+    ask = SimilarIn(n=n, user_id=user_id)
+    return _similar(registry, metrics, settings, feedback, background, item_id, ask)
 
 
 @router.post(
@@ -118,15 +120,17 @@ async def post_similar(
     metrics: MetricsDep,
     settings: SettingsDep,
     feedback: FeedbackDep,
+    background: BackgroundTasks,
 ) -> SimilarOut:
-    return await _similar(registry, metrics, settings, feedback, item_id, body)
+    return _similar(registry, metrics, settings, feedback, background, item_id, body)
 
 
-async def _similar(
+def _similar(
     registry: RegistryDep,
     metrics: MetricsDep,
     settings: SettingsDep,
     feedback: FeedbackDep,
+    background: BackgroundTasks,
     item_id: str,
     body: SimilarIn,
 ) -> SimilarOut:
@@ -140,9 +144,8 @@ async def _similar(
         recommendation_id = new_recommendation_id(version)
         listed = [i for i, _ in found]
         latency = time.perf_counter() - start
-        await feedback.served(
-            [Impression(body.user_id or "", recommendation_id, version, "served", "similar", listed, latency)]
-        )
+        imp = Impression(body.user_id or "", recommendation_id, version, "served", "similar", listed, latency)
+        background.add_task(feedback.served, [imp])  # once the answer is sent
     items = [ScoredItem(item_id=i, score=s) for i, s in found]
     return SimilarOut(
         item_id=item_id, items=items, model_version=version, recommendation_id=recommendation_id

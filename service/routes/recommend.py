@@ -65,18 +65,16 @@ async def post_recommend(
     batcher = request.app.state.batcher
     result = await recommend(bundle, served.rules, history, ask, body.alpha, metrics, batcher)
     recommendation_id = None
-    shadows = None
+    logging = None
     if settings.log_impressions:
         version = bundle.model_version
         recommendation_id = new_recommendation_id(version)
         impression = _impression(body.user_id, recommendation_id, version, "served", result, start)
-        if degraded:  # Redis failed this request already: do not wait for it a second time
+        if degraded:  # Redis failed this request already: do not try it a second time
             feedback.dropped("impressions", 1)
-        else:
-            await feedback.served([impression])
-            if pick.shadows:
-                args = (pick.shadows, body.user_id, history, ask, body.alpha, metrics, batcher, feedback)
-                shadows = BackgroundTask(_shadow, *args)
+        else:  # once the answer is sent (docs/feedback.md, "When a list is logged")
+            args = (feedback, impression, pick.shadows, history, ask, body.alpha, metrics, batcher)
+            logging = BackgroundTask(_log, *args)
     # The hot path: serialised directly, not re-validated (the shape is RecommendOut's).
     payload = {
         "user_id": body.user_id,
@@ -90,7 +88,7 @@ async def post_recommend(
         "degraded": degraded,
     }
     content = json.dumps(payload, separators=(",", ":"))
-    return Response(content=content, media_type="application/json", background=shadows)
+    return Response(content=content, media_type="application/json", background=logging)
 
 
 async def _stored(body: RecommendIn, store: StoreDep, metrics: Metrics, cap: int) -> tuple[list[str], bool]:
@@ -136,20 +134,20 @@ def _impression(
     )
 
 
-async def _shadow(
+async def _log(
+    feedback: Feedback,
+    answer: Impression,
     shadows: tuple[Served, ...],
-    user_id: str,
     history: list[str],
     ask: Ask,
     alpha: float | None,
     metrics: Metrics,
     batcher: Batcher,
-    feedback: Feedback,
 ) -> None:
-    """Score the request with each shadow model, after the answer is sent, and log their lists.
-
-    A shadow that fails (its bundle, its index) is logged and counted as dropped; the others
-    are logged all the same."""
+    """After the answer is sent: log its list; then score the request with each shadow model
+    and log their lists. A shadow that fails (its bundle, its index) is logged and counted as
+    dropped; the others are logged all the same."""
+    await feedback.served([answer])
     impressions = []
     for served in shadows:
         start = time.perf_counter()
@@ -160,6 +158,6 @@ async def _shadow(
             feedback.dropped("shadow_lists", 1, exc)
             continue
         rec_id = new_recommendation_id(version)
-        impressions.append(_impression(user_id, rec_id, version, "shadow", result, start))
+        impressions.append(_impression(answer.user_id, rec_id, version, "shadow", result, start))
     if impressions:
         await feedback.served(impressions)
