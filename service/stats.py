@@ -48,29 +48,29 @@ COUNTERS = ("impressions", "attributable", "clicks", "hits", "conversions")
 UNKNOWN = "unknown"  # the version of counts whose recommendation id names no model that served
 
 # KEYS: the minute's hash, the totals, the versions, then the coverage HyperLogLogs. ARGV: keep_seconds,
-# now (seconds), then per list: its coverage key's place in KEYS, version, mode, attributable ('1' or
-# '0'), latency bucket, fallback ('' for none), the number of items, the items.
+# now (seconds), then per list: its coverage key's place in KEYS, "version|mode|", its flags
+# ("a": attributable, then the latency bucket, then ":" and the fallback, if any: "a7:no_usable_history"),
+# its items (a JSON list).
 IMPRESSIONS_SCRIPT = """#!lua
 local minute, total, versions = KEYS[1], KEYS[2], KEYS[3]
 local keep = ARGV[1]
-local i = 3
-while i <= #ARGV do
-  local cov, head = KEYS[tonumber(ARGV[i])], ARGV[i + 1] .. '|' .. ARGV[i + 2] .. '|'
-  local n = tonumber(ARGV[i + 6])
+for i = 3, #ARGV, 4 do
+  local cov, head = KEYS[tonumber(ARGV[i])], ARGV[i + 1]
+  local attributable, bucket, fallback = string.match(ARGV[i + 2], '^(a?)(%d+):?(.*)$')
   local fields = {'impressions'}
-  if ARGV[i + 3] == '1' then fields[#fields + 1] = 'attributable' end
-  if ARGV[i + 5] ~= '' then fields[#fields + 1] = 'fallback:' .. ARGV[i + 5] end
+  if attributable == 'a' then fields[#fields + 1] = 'attributable' end
+  if fallback ~= '' then fields[#fields + 1] = 'fallback:' .. fallback end
   for _, name in ipairs(fields) do
     redis.call('HINCRBY', minute, head .. name, 1)
     redis.call('HINCRBY', total, head .. name, 1)
   end
-  redis.call('HINCRBY', minute, head .. 'lat:' .. ARGV[i + 4], 1)
-  redis.call('HSETNX', versions, ARGV[i + 1], ARGV[2])
-  if n > 0 then
-    redis.call('PFADD', cov, unpack(ARGV, i + 7, i + 6 + n))
+  redis.call('HINCRBY', minute, head .. 'lat:' .. bucket, 1)
+  redis.call('HSETNX', versions, string.match(head, '^([^|]*)'), ARGV[2])
+  local items = cjson.decode(ARGV[i + 3])
+  if #items > 0 then
+    redis.call('PFADD', cov, unpack(items))
     redis.call('EXPIRE', cov, keep)
   end
-  i = i + 7 + n
 end
 redis.call('EXPIRE', minute, keep)
 """
@@ -180,10 +180,10 @@ class OnlineStats:
             if cov not in places:
                 keys.append(cov)
                 places[cov] = len(keys)  # Lua counts from 1
-            attributable = "1" if imp.user_id and imp.items else "0"
-            bucket = latency_bucket(imp.latency_seconds)
-            args += [places[cov], imp.model_version, imp.mode, attributable, bucket, imp.fallback or ""]
-            args += [len(imp.items), *imp.items]
+            flags = ("a" if imp.user_id and imp.items else "") + str(latency_bucket(imp.latency_seconds))
+            if imp.fallback:
+                flags += ":" + imp.fallback
+            args += [places[cov], f"{imp.model_version}|{imp.mode}|", flags, imp.items_json]
         return self._impressions, keys, args
 
     async def record(self, counts: Counter[CountKey], events: Counter[str], now: float) -> None:

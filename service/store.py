@@ -188,24 +188,27 @@ if size > 0 then redis.call('PEXPIRE', seen, window) end
 return flags
 """
 
-# KEYS: served lists, stream. ARGV: user_id, recommendation_id, model_version, mode, now_ms,
-# timestamp, route, items (a JSON list of strings), stream_maxlen (0: never trim), attribution_ms,
-# served_cap, remember ('1': keep the list for attribution).
+# KEYS: served lists, stream. ARGV: user_id, recommendation_id, model_version, mode, route, items (a
+# JSON list of strings), then "now_ms timestamp stream_maxlen attribution_ms served_cap remember" in one
+# argument (remember: 1 keeps the list for attribution; stream_maxlen 0: never trim). Few arguments:
+# redis-py packs each in Python, and that was most of a logged list's cost.
 IMPRESSION_SCRIPT = """#!lua
 local served, stream = KEYS[1], KEYS[2]
 local a = ARGV
-local fields = {'user_id', a[1], 'item_id', '', 'timestamp', a[6], 'event_id', '', 'event_type', 'impression',
-  'recommendation_id', a[2], 'items', a[8], 'model_version', a[3], 'route', a[7], 'mode', a[4]}
-if a[9] == '0' then
+local now_ms, ts, maxlen, attribution, cap, remember =
+  string.match(a[7], '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$')
+local fields = {'user_id', a[1], 'item_id', '', 'timestamp', ts, 'event_id', '', 'event_type', 'impression',
+  'recommendation_id', a[2], 'items', a[6], 'model_version', a[3], 'route', a[5], 'mode', a[4]}
+if maxlen == '0' then
   redis.call('XADD', stream, '*', unpack(fields))
 else
-  redis.call('XADD', stream, 'MAXLEN', '~', a[9], '*', unpack(fields))
+  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(fields))
 end
-if a[12] == '1' then  -- the items between unit separators (31), a control character never in an id
-  local members = '\\31' .. table.concat(cjson.decode(a[8]), '\\31') .. '\\31'
-  redis.call('LPUSH', served, a[2] .. '|' .. a[3] .. '|' .. a[4] .. '|' .. a[5] .. '||' .. members)
-  redis.call('LTRIM', served, 0, tonumber(a[11]) - 1)
-  redis.call('PEXPIRE', served, a[10])
+if remember == '1' then  -- the items between unit separators (31), a control character never in an id
+  local members = '\\31' .. table.concat(cjson.decode(a[6]), '\\31') .. '\\31'
+  redis.call('LPUSH', served, a[2] .. '|' .. a[3] .. '|' .. a[4] .. '|' .. now_ms .. '||' .. members)
+  redis.call('LTRIM', served, 0, tonumber(cap) - 1)
+  redis.call('PEXPIRE', served, attribution)
 end
 return 1
 """
@@ -268,6 +271,11 @@ class Impression:
     items: list[str]
     latency_seconds: float
     fallback: str | None = None
+
+    @property
+    def items_json(self) -> str:
+        """The items as the stream and the scripts take them: a JSON list (UTF-8, compact)."""
+        return json.dumps(self.items, ensure_ascii=False, separators=(",", ":"))
 
 
 ScriptCall = tuple[Any, list[str], list[Any]]  # a registered script, its keys (one slot), its args
@@ -683,30 +691,21 @@ class HistoryStore:
         Raises:
             StoreUnavailable: when Redis fails (some lists may have been logged).
         """
-        now_ms = int(now * 1000)
+        head = f"{int(now * 1000)} {now!r} {self._shard_maxlen} {self.attribution_ms} {SERVED_CAP}"
         calls: list[ScriptCall] = []
         for imp in impressions:
+            remember = "1" if imp.user_id and imp.items else "0"
             args = [
                 imp.user_id,
                 imp.recommendation_id,
                 imp.model_version,
                 imp.mode,
-                now_ms,
-                repr(now),
                 imp.route,
-                json.dumps(imp.items, ensure_ascii=False, separators=(",", ":")),
-                self._shard_maxlen,
-                self.attribution_ms,
-                SERVED_CAP,
-                "1" if imp.user_id and imp.items else "0",
+                imp.items_json,
+                f"{head} {remember}",
             ]
-            calls.append(
-                (
-                    self._impression_script,
-                    [self.served_key(imp.user_id), self.stream_key_for(imp.user_id)],
-                    args,
-                )
-            )
+            keys = [self.served_key(imp.user_id), self.stream_key_for(imp.user_id)]
+            calls.append((self._impression_script, keys, args))
         with redis_errors():
             await self._run_scripts([*calls, *also], wait=False)
 

@@ -413,3 +413,32 @@ def test_a_made_up_recommendation_id_counts_for_no_real_model(client_one, vocab)
     versions = {m["model_version"]: m for m in client_one.get("/stats").json()["models"]}
     assert set(versions) == {answer["model_version"], "unknown"}
     assert (versions["unknown"]["clicks"], versions[answer["model_version"]]["clicks"]) == (1, 0)
+
+
+def test_attribution_matches_item_ids_with_any_characters(redis_url, key_prefix) -> None:
+    """Item ids go to Lua as JSON and come back out of cjson; ids with non-ASCII characters,
+    Lua pattern characters or the list's own separator `|` are still found."""
+    import asyncio
+
+    from mqsa.service.store import Event, Impression, connect
+
+    items = ["é", "日本", "a|b", "%d.*[", "plain"]
+    version = "0123456789abcdef"
+
+    async def main() -> list[list[tuple[str, str, str]]]:
+        client = connect(redis_url, timeout_seconds=3.0)
+        try:
+            store = HistoryStore(client, prefix=key_prefix, stream_shards=2)
+            lists = [  # one list per id, so each id must be found on its own
+                Impression(
+                    "u", f"{version}-019ad3f2a1c0-{n:08x}", version, "served", "recommend", [item, "x"], 0.0
+                )
+                for n, item in enumerate(items)
+            ]
+            await store.log_impressions(lists, time.time())
+            result = await store.append([Event("u", item) for item in [*items, "absent"]])
+            return result.attributions
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(main()) == [[("h", version, "served")]] * len(items) + [[]]
