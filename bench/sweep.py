@@ -20,6 +20,9 @@ one, is the reference row instead of ``bench/reproduce.py``'s.
 
 ``--resume`` goes on from ``last.pt`` for a run that was stopped, as in reproduce.py.
 
+For a search rather than a grid, use ``mqsa tune`` (docs/tuning.md): Optuna with pruning,
+resumable, several trials at once. This script stays for the hand sweeps recorded here.
+
 The table is sorted by the **validation** NDCG@20 of the selected epoch: that is
 the only number a setting may be chosen by. The test columns are shown so a
 reader can see what the choice costs or gains, never to choose.

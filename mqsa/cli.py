@@ -5,7 +5,8 @@
     mqsa data stats PATH
     mqsa data export-events --out FILE
     mqsa events archive --to URL [--once]
-    mqsa train --data PATH --out DIR [one flag per MQSAConfig and TrainConfig field]
+    mqsa train --data PATH --out DIR [--config FILE] [one flag per MQSAConfig and TrainConfig field]
+    mqsa tune --data PATH --out DIR [--config FILE] [one flag per TuneConfig field: --trials N ...]
     mqsa evaluate --checkpoint CKPT --data PATH
     mqsa evaluate --holdout LOG --holdout-since T MODEL [MODEL ...]   (checkpoints or bundles)
     mqsa evaluate --online --archive URL --since T [--until T] [--bundle B ...]   (past traffic)
@@ -18,9 +19,11 @@
     mqsa versions --bundles ROOT
 
 The settings flags are made from the config dataclasses (``mqsa.flags``): their
-defaults and help have one source. Those of ``train`` and ``export`` need torch and
-those of ``data prepare`` and ``data synth`` pandas, so each is added only when its
-subcommand runs (``mqsa serve`` and ``mqsa data export-events`` need neither).
+defaults and help have one source (``train --config FILE`` reads them from a settings
+file, ``training.settings_file``, under the flags given). Those of ``train``, ``tune``
+and ``export`` need torch (and ``tune`` Optuna) and those of ``data prepare`` and
+``data synth`` pandas, so each is added only when its subcommand runs (``mqsa serve``
+and ``mqsa data export-events`` need neither).
 The project's own errors (``mqsa.errors.MQSAError``) are printed in one line with
 their exit code (2; 3 for a candidate the quality gate refused); anything else keeps
 its traceback.
@@ -89,6 +92,41 @@ def _train(args: argparse.Namespace) -> None:
     print(
         f"best epoch {metrics['best_epoch']}; checkpoint {args.out}/best.pt; metrics {args.out}/metrics.json"
     )
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from mqsa.training.settings_file import read_settings_file
+    from mqsa.training.tune import TuneConfig, tune
+
+    base = read_settings_file(args.config) if args.config else {}
+    config = TuneConfig(**flags.values(args, TuneConfig))
+    try:
+        summary = tune(args.data, args.out, config, base, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print("\nmqsa tune: interrupted; the same command resumes the study", file=sys.stderr)
+        raise SystemExit(130) from None
+    counts = ", ".join(f"{n} {state}" for state, n in summary["trials"].items())
+    best = summary["best"]
+    found = "no complete trial yet"
+    if best:
+        found = f"best trial {best['trial']}, validation NDCG@20 {best['value']:.4f}; {args.out}/best.toml"
+    print(f"{counts}; {found}; report {summary['report']}")
+
+
+def _with_settings_file(argv: list[str], path: str) -> argparse.Namespace:
+    """``mqsa train``'s arguments again, with the settings file's values as the flags' defaults.
+
+    So a flag given on the command line overrides the file, and the file overrides the
+    dataclass defaults. Raises the file's DataError or ConfigError (unknown keys named).
+    """
+    from mqsa.training.settings_file import read_settings_file
+
+    values = read_settings_file(path)
+    parser = build_parser(argv[:2])
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    as_parsed = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}  # nargs gives lists
+    subcommands.choices["train"].set_defaults(**as_parsed)
+    return parser.parse_args(argv)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -352,6 +390,12 @@ def _add_train(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> No
         help="go on from OUT/last.pt (written after every epoch) with the same settings; "
         "--epochs, --patience and --threads may change",
     )
+    t.add_argument(
+        "--config",
+        metavar="FILE",
+        help="settings file (TOML or JSON; keys are the settings below with underscores, e.g. lr, "
+        "windows; `mqsa tune` writes one as best.toml); flags given here override it",
+    )
     if full("train"):
         from mqsa.models.mqsa import MQSAConfig
         from mqsa.training.trainer import TrainConfig
@@ -359,6 +403,26 @@ def _add_train(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> No
         flags.add_flags(t, MQSAConfig, MODEL_EXCLUDE, aliases=ALIASES)
         flags.add_flags(t, TrainConfig)
     t.set_defaults(func=_train)
+
+
+def _add_tune(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> None:
+    t = sub.add_parser(
+        "tune", help="search the settings on the validation split (Optuna; resumable; docs/tuning.md)"
+    )
+    t.add_argument("--data", required=True, help="sequence file (items.json beside it is used if present)")
+    t.add_argument("--out", required=True, help="output directory: study.db, trials/, best.toml, report.md")
+    t.add_argument(
+        "--config",
+        metavar="FILE",
+        help="base settings (a settings file as for `mqsa train --config`); the searched ones are drawn "
+        "on top",
+    )
+    t.add_argument("--quiet", action="store_true", help="no line per trial")
+    if full("tune"):  # torch and optuna: only for this subcommand
+        from mqsa.training.tune import TuneConfig
+
+        flags.add_flags(t, TuneConfig)
+    t.set_defaults(func=_tune)
 
 
 def _add_export(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> None:
@@ -488,14 +552,16 @@ SERVICE_MARKERS = (
 
 
 def readme_settings() -> str:
-    """The README's settings tables, from the config dataclasses: ``train``'s flags, then ``export``'s."""
+    """The README's settings tables, from the config dataclasses: the flags of train, tune, export."""
     from mqsa.models.mqsa import MQSAConfig
     from mqsa.training.export import ExportConfig
     from mqsa.training.trainer import TrainConfig
+    from mqsa.training.tune import TuneConfig
 
     train = flags.settings_table([(MQSAConfig, MODEL_EXCLUDE), (TrainConfig, ())])
+    tune = flags.settings_table([(TuneConfig, ())])
     export = flags.settings_table([(ExportConfig, ())])
-    return f"`mqsa train`:\n\n{train}\n`mqsa export`:\n\n{export}"
+    return f"`mqsa train`:\n\n{train}\n`mqsa tune`:\n\n{tune}\n`mqsa export`:\n\n{export}"
 
 
 def service_settings() -> str:
@@ -547,6 +613,7 @@ def build_parser(argv_head: Sequence[str] | None = None) -> argparse.ArgumentPar
         _add_data,
         _add_events,
         _add_train,
+        _add_tune,
         _add_export,
         _add_serve,
         _add_demo,
@@ -565,6 +632,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv[:2]).parse_args(argv)
     try:
+        if args.command == "train" and args.config:
+            args = _with_settings_file(argv, args.config)
         args.func(args)
     except MQSAError as exc:
         print(f"mqsa: error: {exc}", file=sys.stderr)

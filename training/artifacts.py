@@ -39,14 +39,18 @@ def file_sha256(path: str | Path) -> str:
 
 def write_json_atomic(path: str | Path, payload: Any, indent: int | None = None) -> None:
     """Write JSON (UTF-8, a newline at the end) to a file beside ``path``, then move it into place."""
+    write_text_atomic(path, json.dumps(payload, ensure_ascii=False, indent=indent) + "\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write UTF-8 text to a file beside ``path``, then move it into place."""
     path = Path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(payload, f, ensure_ascii=False, indent=indent)
-                f.write("\n")
+                f.write(text)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -93,8 +93,13 @@ def save_run_state(path: Path, state: RunState, fingerprint: dict[str, Any]) -> 
     save_torch_atomic(payload, path)
 
 
-def load_run_state(path: Path, fingerprint: dict[str, Any]) -> RunState:
+def load_run_state(
+    path: Path, fingerprint: dict[str, Any], defaults: dict[str, dict[str, Any]] | None = None
+) -> RunState:
     """Read ``path`` and check it belongs to a run with this ``fingerprint``.
+
+    ``defaults`` (per section, setting -> default) fills in the settings a run state saved
+    before they existed: such a run had the default, so a run resumed with it goes on.
 
     Raises:
         ResumeError: no file, not a run state, or a setting or the data differs
@@ -108,7 +113,10 @@ def load_run_state(path: Path, fingerprint: dict[str, Any]) -> RunState:
         raise ResumeError(f"{path}: not a readable run state ({exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != RUN_STATE_FORMAT:
         raise ResumeError(f"{path}: not a run state of format {RUN_STATE_FORMAT}")
-    differences = _differences(payload["fingerprint"], fingerprint)
+    saved = payload["fingerprint"]
+    for section, values in (defaults or {}).items():  # a setting added since: the run had its default
+        saved[section] = {**values, **saved.get(section, {})}
+    differences = _differences(saved, fingerprint)
     if differences:
         raise ResumeError(f"{path}: cannot resume, the run differs: " + "; ".join(differences))
     del payload["format"], payload["fingerprint"]

@@ -10,6 +10,11 @@ per epoch ``_train_epoch``, ``_valid_epoch`` (evaluate, keep the best) and
 validation NDCG@20 is selected and its test metrics reported (spec section 7);
 the test split is never used for any decision. ``train`` is the one-call form
 behind ``mqsa train``.
+
+An ``on_epoch(epoch, valid_metrics)`` callback, if given, sees every evaluation's
+validation metrics and may end the run by raising :class:`StopTraining` (``mqsa
+tune`` reports them to its pruner); ``evaluate_test=False`` leaves the test split
+unranked altogether (tuning trials).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import copy
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +46,7 @@ from mqsa.training.evaluation import (
 )
 from mqsa.training.losses import LossSettings, LossValues, TEDTeacher, mqsa_loss
 from mqsa.training.run_state import RunState, capture_rng, load_run_state, restore_rng, save_run_state
+from mqsa.training.sampled_loss import NegativeSampler, sampled_mqsa_loss
 from mqsa.training.sequences import (
     LeaveOneOut,
     SequenceData,
@@ -77,6 +84,16 @@ class TrainConfig:
         precision: fp32, or bf16 for the N-way products.
         threads: CPU threads for torch (0 = torch's default).
         chunk: rows per chunk of the fused softmax.
+        loss: exact (both softmaxes over all N items, the paper's) or sampled (over
+            a positive plus sampled negatives with logQ correction, for large
+            catalogues; docs/scaling.md).
+        negatives: K, negatives drawn per batch for the sampled loss, shared by its
+            rows, from (training count + 1)^0.75. 1024 keeps the sampled product
+            (rows x K) under a tenth of the exact one (rows x N) from N = 10^4 items up
+            (Beauty: 12,101), while a thousand draws cover the popular head, whose
+            high-scoring items dominate the softmax's normaliser.
+        in_batch_negatives: sampled loss: also use the batch's targets as negatives
+            (each with its own logQ correction).
         init_from: a checkpoint (an older run's best.pt) to warm-start from: items it
             knows keep their rows (matched by external id), new items start from their
             transition neighbours' rows (else the mean row), the rest of the network is
@@ -98,10 +115,13 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     threads: int = 0
     chunk: int = 256
+    loss: Literal["exact", "sampled"] = "exact"
+    negatives: int = 1024
+    in_batch_negatives: bool = False
     init_from: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_every", "time_span", "chunk"):
+        for name in ("epochs", "batch_size", "eval_every", "time_span", "chunk", "negatives"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "tau"):
@@ -116,6 +136,8 @@ class TrainConfig:
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.loss not in ("exact", "sampled"):
+            raise ConfigError(f"loss must be exact or sampled, got {self.loss!r}")
 
     def loss_settings(self) -> LossSettings:
         """The objective's settings, as the loss takes them."""
@@ -201,6 +223,17 @@ class TrainingData:
         )
 
 
+class StopTraining(Exception):
+    """Raised by an ``on_epoch`` callback to end the run after the epoch it was called for.
+
+    The run then ends as one out of patience: the best epoch so far is selected and
+    the reports are written; ``metrics["stopped"]`` holds the message.
+    """
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]  # (epoch, validation metrics) -> None
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when present, else the CPU; ``cuda`` without CUDA is a ConfigError."""
     if name == "auto":
@@ -238,6 +271,12 @@ class Trainer:
         model_config: MQSAConfig fields other than ``num_items`` (from the data).
         config: optimisation and protocol settings.
         progress: show a progress bar per epoch and print the final table.
+        on_epoch: called after each evaluation with the epoch and its validation
+            metrics (HR@K, NDCG@K); raising :class:`StopTraining` ends the run there.
+            Every process of a distributed run calls it and must decide alike.
+        evaluate_test: rank the test split for the best epoch and the baselines;
+            False leaves it unranked (``metrics["test"]`` empty, baselines on the
+            validation split only).
 
     Raises:
         ConfigError: a bad setting. DataError: bad data.
@@ -250,6 +289,8 @@ class Trainer:
         model_config: dict[str, Any] | None = None,
         config: TrainConfig | None = None,
         progress: bool = True,
+        on_epoch: EpochCallback | None = None,
+        evaluate_test: bool = True,
     ) -> None:
         self.config = config = config or TrainConfig()
         model_config = dict(model_config or {})
@@ -274,8 +315,14 @@ class Trainer:
         self.data = TrainingData.build(data_path, sequences, vocab, self.model_config, config.time_span)
         teacher = TEDTeacher.from_graph(self.data.graph, config.tau) if config.lambda_kd > 0 else None
         self.teacher = teacher.to(self.device) if teacher is not None else None
-        self.baselines = baseline_metrics(self.data.split, self.data.graph, self.data.eval_sets)
+        self.on_epoch, self.evaluate_test = on_epoch, evaluate_test
+        ranked = self.data.eval_sets if evaluate_test else {"valid": self.data.eval_sets["valid"]}
+        self.baselines = baseline_metrics(self.data.split, self.data.graph, ranked)
         self.loss_settings = config.loss_settings()
+        self.sampler: NegativeSampler | None = None  # None: the exact loss
+        if config.loss == "sampled":
+            counts, k = self.data.item_counts, config.negatives
+            self.sampler = NegativeSampler.from_counts(counts, k, config.in_batch_negatives).to(self.device)
         self.model = MQSA(self.model_config).to(self.device)
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=config.lr, betas=(0.9, config.adam_beta2)
@@ -284,6 +331,7 @@ class Trainer:
         self.best_state = copy.deepcopy(self.model.state_dict())
         self.history: list[dict[str, float]] = []
         self.stale = 0  # evaluations since the best one
+        self.stopped: str | None = None  # the message of an on_epoch callback's StopTraining
         self.train_seconds, self.earlier_wall_seconds = 0.0, 0.0
         self.resumed_at: list[int] = []
         self.warm_start: dict[str, Any] | None = None  # what --init-from did, when given
@@ -307,12 +355,14 @@ class Trainer:
         last_epoch = first_epoch - 1 if self._out_of_patience() else self.config.epochs
         for epoch in range(first_epoch, last_epoch + 1):
             row = self._train_epoch(epoch)
+            valid = None
             if epoch % self.config.eval_every == 0 or epoch == self.config.epochs:
-                self._valid_epoch(epoch, row)
+                valid = self._valid_epoch(epoch, row)
             self.history.append(row)
             report.epoch_line(row, self.best.epoch == epoch, self.progress)
             self._save_state(epoch)
-            if self._out_of_patience():
+            stop_asked = valid is not None and self._stop_asked(epoch, valid)  # told every evaluation
+            if stop_asked or self._out_of_patience():
                 break
         return self._finish()
 
@@ -320,7 +370,8 @@ class Trainer:
         """Load ``last.pt``: weights, optimiser, generators and the loop's records. Returns its epoch."""
         if self.world.distributed:
             raise ResumeError("resume runs on one process only: each rank's dropout generator differs")
-        state = load_run_state(self.out_dir / "last.pt", self._fingerprint())
+        defaults = {"train_config": asdict(TrainConfig()), "model_config": MQSAConfig(num_items=1).to_dict()}
+        state = load_run_state(self.out_dir / "last.pt", self._fingerprint(), defaults)
         self.model.load_state_dict(state.model)
         self.optimizer.load_state_dict(state.optimizer)
         restore_rng(state, self.rng)
@@ -348,6 +399,17 @@ class Trainer:
 
     def _out_of_patience(self) -> bool:
         return bool(self.config.patience and self.stale >= self.config.patience)
+
+    def _stop_asked(self, epoch: int, valid: dict[str, float]) -> bool:
+        """Give ``on_epoch`` this epoch's validation metrics; True when it raised StopTraining."""
+        if self.on_epoch is None:
+            return False
+        try:
+            self.on_epoch(epoch, dict(valid))
+        except StopTraining as stop:
+            self.stopped = str(stop) or f"stopped by on_epoch after epoch {epoch}"
+            return True
+        return False
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the examples in a fresh random order; returns the epoch's history row."""
@@ -384,25 +446,36 @@ class Trainer:
     def _train_step(self, rows: np.ndarray) -> LossValues:
         """Forward, backward (gradients averaged over processes) and one Adam step on a batch."""
         inputs, targets = self.data.examples.batch(self.world.shard(rows), self.device)
-        loss, values = mqsa_loss(self.model, inputs, targets, self.teacher, self.loss_settings)
+        if self.sampler is None:
+            loss, values = mqsa_loss(self.model, inputs, targets, self.teacher, self.loss_settings)
+        else:
+            loss, values = sampled_mqsa_loss(
+                self.model, inputs, targets, self.teacher, self.loss_settings, self.sampler
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.world.average_gradients(self.model)
         self.optimizer.step()
         return values
 
-    def _valid_epoch(self, epoch: int, row: dict[str, float]) -> None:
-        """Evaluate on the validation split; a new best is tested, kept and saved as ``best.pt``."""
+    def _valid_epoch(self, epoch: int, row: dict[str, float]) -> dict[str, float]:
+        """Evaluate on the validation split; a new best is tested, kept and saved as ``best.pt``.
+
+        Returns:
+            The validation metrics.
+        """
         valid = evaluate_model(self.model, self.data.eval_sets["valid"])
         row.update({f"valid_{k}": v for k, v in valid.items()})
         if not self.best.beaten_by(valid):
             self.stale += 1
-            return
-        self.best = BestEpoch(epoch, valid, evaluate_model(self.model, self.data.eval_sets["test"]))
+            return valid
+        test = evaluate_model(self.model, self.data.eval_sets["test"]) if self.evaluate_test else {}
+        self.best = BestEpoch(epoch, valid, test)
         self.best_state = copy.deepcopy(self.model.state_dict())
         self.stale = 0
         if self.world.is_main:
             self._checkpoint().save(self.out_dir / "best.pt")  # a crash keeps the best so far
+        return valid
 
     def _save_state(self, epoch: int) -> None:
         """``history.csv`` (watchable during a long run) and ``last.pt`` (to resume from)."""
@@ -437,7 +510,7 @@ class Trainer:
         write_json_atomic(self.out_dir / "metrics.json", metrics, indent=2)
         report.plot_curves(self.history, self.out_dir / "curves.png")
         if self.progress:
-            print(report.results_table(metrics))
+            print(report.results_table(metrics, "test" if self.evaluate_test else "valid"))
         return metrics
 
     def _checkpoint(self) -> Checkpoint:
@@ -470,6 +543,7 @@ class Trainer:
             "device": str(self.device),
             "device_name": device_name(self.device),
             "epochs_run": len(self.history),
+            "stopped": self.stopped,
             "best_epoch": self.best.epoch,
             "valid": self.best.valid,
             "test": self.best.test,

@@ -80,6 +80,7 @@ def test_help_lists_every_subcommand_with_its_help() -> None:
         "data",
         "events",
         "train",
+        "tune",
         "export",
         "serve",
         "demo",

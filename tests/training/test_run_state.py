@@ -68,3 +68,25 @@ def test_resume_without_a_run_state_is_a_clear_error(synthetic_data, tmp_path) -
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ResumeError, match="not a readable run state"):
         train(synthetic_data, tmp_path, SMALL, CONFIG, progress=False, resume=True)
+
+
+def test_a_run_state_from_before_a_setting_existed_resumes_with_its_default(synthetic_data, tmp_path) -> None:
+    """A run stopped by an older version has no `loss` (or any setting added since) in its
+    state: it ran with the default, so resuming with the default goes on, and another value
+    is refused by name."""
+    train(synthetic_data, tmp_path, SMALL, replace(CONFIG, epochs=1), progress=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    for key in ("loss", "negatives", "in_batch_negatives"):
+        del state["fingerprint"]["train_config"][key]
+    torch.save(state, tmp_path / "last.pt")
+    with pytest.raises(ResumeError, match=r"train_config\.loss: 'exact' -> 'sampled'"):
+        train(
+            synthetic_data,
+            tmp_path,
+            SMALL,
+            replace(CONFIG, epochs=2, loss="sampled"),
+            progress=False,
+            resume=True,
+        )
+    resumed = train(synthetic_data, tmp_path, SMALL, replace(CONFIG, epochs=2), progress=False, resume=True)
+    assert resumed["epochs_run"] == 2 and resumed["resumed_at"] == [1]

@@ -12,7 +12,7 @@ from mqsa.errors import ConfigError, DataError
 from mqsa.training.checkpoint import Checkpoint
 from mqsa.training.evaluation import evaluate_checkpoint
 from mqsa.training.sequences import split_leave_one_out, write_sequences
-from mqsa.training.trainer import TrainConfig, TrainingExamples, train
+from mqsa.training.trainer import StopTraining, TrainConfig, Trainer, TrainingExamples, train
 
 
 def test_two_epochs_beat_popularity_clearly(trained_run) -> None:
@@ -83,6 +83,28 @@ def test_patience_stops_after_that_many_evaluations_without_gain(synthetic_data,
     assert m["epochs_run"] == 3
     rows = list(csv.DictReader((tmp_path / "history.csv").open()))
     assert [r["valid_NDCG@20"] for r in rows] == [rows[0]["valid_NDCG@20"]] * 3
+
+
+def test_on_epoch_sees_every_evaluation_and_may_stop_the_run(synthetic_data, tmp_path) -> None:
+    """The callback `mqsa tune` feeds its pruner with: each evaluated epoch's validation metrics, and
+    StopTraining ends the run there as patience would (reports written, the best epoch selected)."""
+    seen: list[tuple[int, float]] = []
+
+    def on_epoch(epoch: int, valid: dict[str, float]) -> None:
+        seen.append((epoch, valid["NDCG@20"]))
+        if epoch == 2:
+            raise StopTraining("enough")
+
+    config = TrainConfig(epochs=5, batch_size=256, seed=1, threads=1)
+    small = {"max_len": 10, "hidden_size": 16}
+    trainer = Trainer(synthetic_data, tmp_path, small, config, False, on_epoch, evaluate_test=False)
+    metrics = trainer.fit()
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    assert seen == [(int(r["epoch"]), float(r["valid_NDCG@20"])) for r in rows] and len(rows) == 2
+    assert metrics["stopped"] == "enough" and metrics["epochs_run"] == 2 and metrics["best_epoch"] in (1, 2)
+    assert metrics["test"] == {}  # evaluate_test=False: the test split is never ranked
+    assert all(set(by_split) == {"valid"} for by_split in metrics["baselines"].values())
+    assert json.loads((tmp_path / "metrics.json").read_text())["stopped"] == "enough"
 
 
 def test_training_examples_are_shifted_and_left_padded() -> None:

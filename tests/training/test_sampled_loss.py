@@ -1,0 +1,188 @@
+"""The sampled-softmax objective (training/sampled_loss.py) against the exact one."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mqsa import cli
+from mqsa.errors import ConfigError
+from mqsa.models.mqsa import MQSA, MQSAConfig
+from mqsa.training.losses import LossSettings, TEDTeacher, mqsa_loss
+from mqsa.training.sampled_loss import Candidates, NegativeSampler, sampled_logsumexp, sampled_mqsa_loss
+from mqsa.training.sequences import left_pad
+from mqsa.training.trainer import TrainConfig
+from mqsa.training.transitions import TransitionGraph
+
+N = 11
+
+
+def settings(lambda_kd: float = 0.1, tau: float = 0.1, l2: float = 1e-4) -> LossSettings:
+    return LossSettings(lambda_kd=lambda_kd, tau=tau, l2=l2, chunk=256, dtype=torch.float32)
+
+
+def tiny_setup() -> tuple[MQSA, torch.Tensor, torch.Tensor, TEDTeacher, list[int]]:
+    """A tiny model in eval mode (no dropout), one batch, its TED teacher and item counts."""
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(0, N, size=rng.integers(2, 9)) for _ in range(12)]
+    torch.manual_seed(0)
+    model = MQSA(MQSAConfig(num_items=N, max_len=10, hidden_size=8, num_heads=2, windows=(2,), alpha=0.4))
+    with torch.no_grad():
+        model.item_emb.weight[:N].normal_(0.0, 0.3)
+    pad = model.config.padding_idx
+    inputs = torch.from_numpy(left_pad([s[:-1] for s in sequences], 10, pad))
+    targets = torch.from_numpy(left_pad([s[1:] for s in sequences], 10, pad))
+    teacher = TEDTeacher.from_graph(TransitionGraph.from_sequences(sequences, N, 1), 0.1)
+    counts = np.bincount(np.concatenate(sequences), minlength=N).tolist()
+    return model.eval(), inputs, targets, teacher, counts
+
+
+def every_item_once() -> Candidates:
+    """Each item a candidate exactly once (expected count 1, log 0): Z_hat is Z."""
+    return Candidates(torch.arange(N), torch.zeros(N))
+
+
+def loss_and_grad(fn) -> tuple[torch.Tensor, torch.Tensor, object]:
+    model, inputs, targets, teacher, counts = tiny_setup()
+    loss, values = fn(model, inputs, targets, teacher, counts)
+    loss.backward()
+    return loss.detach(), model.item_emb.weight.grad.clone(), values
+
+
+@pytest.mark.parametrize("lambda_kd", [0.0, 0.1])
+def test_every_item_once_without_correction_is_the_exact_loss(lambda_kd: float) -> None:
+    s = settings(lambda_kd=lambda_kd)
+
+    def exact(model, inputs, targets, teacher, counts):
+        return mqsa_loss(model, inputs, targets, teacher, s)
+
+    def sampled(model, inputs, targets, teacher, counts):
+        sampler = NegativeSampler.from_counts(counts, negatives=N)
+        return sampled_mqsa_loss(model, inputs, targets, teacher, s, sampler, candidates=every_item_once())
+
+    loss_e, grad_e, values_e = loss_and_grad(exact)
+    loss_s, grad_s, values_s = loss_and_grad(sampled)
+    torch.testing.assert_close(loss_s, loss_e, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_s, grad_e, atol=1e-5, rtol=1e-4)
+    assert grad_e.abs().max() > 1e-3
+    assert values_s.rec == pytest.approx(values_e.rec, abs=1e-5)
+    assert values_s.kd == pytest.approx(values_e.kd, abs=1e-5)
+    assert (values_s.kd > 0) == (lambda_kd > 0)
+
+
+def test_many_uniform_negatives_approximate_the_exact_loss() -> None:
+    """K >> N draws from a uniform Q: the estimate is within a percent of the exact loss."""
+    s = settings()
+    model, inputs, targets, teacher, _ = tiny_setup()
+    exact, _ = mqsa_loss(model, inputs, targets, teacher, s)
+    sampler = NegativeSampler.from_counts([5] * N, negatives=20_000)  # equal counts: Q uniform
+    torch.manual_seed(1)
+    with torch.no_grad():
+        sampled, values = sampled_mqsa_loss(model, inputs, targets, teacher, s, sampler)
+    assert sampled.item() == pytest.approx(exact.item(), rel=1e-2)
+    assert math.isfinite(values.total) and values.kd > 0
+
+
+def test_gradients_reach_every_part_of_the_network() -> None:
+    model, inputs, targets, teacher, counts = tiny_setup()
+    model.train()
+    sampler = NegativeSampler.from_counts(counts, negatives=5, in_batch=True)
+    loss, _ = sampled_mqsa_loss(model, inputs, targets, teacher, settings(l2=0.0), sampler)
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert model.item_emb.weight.grad[model.config.padding_idx].abs().sum() == 0  # padding never learns
+
+
+def test_accidental_hits_are_masked() -> None:
+    gen = torch.Generator().manual_seed(0)
+    queries, table = torch.randn(3, 4, generator=gen), torch.randn(N, 4, generator=gen)
+    positives = torch.tensor([2, 5, 7])
+    candidates = Candidates(torch.tensor([2, 5, 2, 9]), torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    lse, pos = sampled_logsumexp(queries, table, positives, candidates)
+    logits = queries @ table[candidates.items].T - candidates.log_expected  # (3, 4)
+    for r, y in enumerate(positives.tolist()):
+        keep = candidates.items != y
+        want = torch.logsumexp(torch.cat([pos[r : r + 1], logits[r, keep]]), 0)
+        torch.testing.assert_close(lse[r], want)
+    # Every candidate is the positive: only the positive's own term is left.
+    only_hits = Candidates(torch.tensor([5, 5]), torch.zeros(2))
+    lse, pos = sampled_logsumexp(queries[1:2], table, positives[1:2], only_hits)
+    torch.testing.assert_close(lse, pos)
+
+
+def test_logq_correction_makes_the_partition_estimate_unbiased() -> None:
+    """Monte Carlo: the mean of Z_hat over many draws from a skewed Q is Z; uncorrected it is not."""
+    gen = torch.Generator().manual_seed(0)
+    queries, table = torch.randn(4, 4, generator=gen), torch.randn(N, 4, generator=gen)
+    positives = torch.tensor([0, 3, 6, 10])
+    counts = [40] + [0] * (N - 1)  # item 0 is drawn ~ 60% of the time
+    sampler = NegativeSampler.from_counts(counts, negatives=4)
+    table[0] = -table[1:].mean(0)  # the popular item scores unlike the rest
+    z = torch.logsumexp(queries @ table.T, 1).exp()  # (4,) exact
+    torch.manual_seed(0)
+    corrected, uniform = [], []
+    for _ in range(3000):
+        c = sampler.draw(positives)
+        corrected.append(sampled_logsumexp(queries, table, positives, c)[0].exp())
+        flat = Candidates(c.items, torch.full_like(c.log_expected, math.log(4 / N)))  # as if Q uniform
+        uniform.append(sampled_logsumexp(queries, table, positives, flat)[0].exp())
+    corrected, uniform = torch.stack(corrected), torch.stack(uniform)  # (draws, 4)
+    error = (corrected.mean(0) - z).abs()
+    assert (error < 4 * corrected.std(0) / math.sqrt(len(corrected))).all()  # within 4 standard errors
+    assert (error / z).max() < 0.1
+    assert ((uniform.mean(0) - z).abs() / z).max() > 0.2
+
+
+def test_sampler_draws_k_shared_negatives_and_the_batch_targets() -> None:
+    counts = [10, 0, 3, 1, 0, 0, 0, 0, 0, 0, 6]
+    sampler = NegativeSampler.from_counts(counts, negatives=7, in_batch=True)
+    q = (torch.tensor(counts, dtype=torch.float64) + 1) ** 0.75
+    torch.testing.assert_close(sampler.log_q.exp(), (q / q.sum()).float())
+    targets = torch.tensor([0, 0, 2, 10])
+    c = sampler.draw(targets)
+    assert c.items.shape == c.log_expected.shape == (7 + 4,)
+    assert torch.equal(c.items[7:], targets)
+    p = torch.tensor(counts, dtype=torch.float32) / sum(counts)
+    want = (7 * sampler.log_q.exp()[c.items] + 4 * p[c.items]).log()
+    torch.testing.assert_close(c.log_expected, want)
+    assert NegativeSampler.from_counts(counts, negatives=7).draw(targets).items.shape == (7,)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"loss": "full"}, "loss must be exact or sampled, got 'full'"),
+        ({"negatives": 0}, "negatives must be >= 1, got 0"),
+    ],
+)
+def test_bad_sampled_settings_are_config_errors_naming_the_field(kwargs, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_sampler_refuses_bad_arguments() -> None:
+    with pytest.raises(ConfigError, match="negatives"):
+        NegativeSampler.from_counts([1, 2], negatives=0)
+    with pytest.raises(ConfigError, match="counts"):
+        NegativeSampler.from_counts([1, -2], negatives=3)
+
+
+def test_two_epochs_with_the_sampled_loss_from_the_command_line(synthetic_data, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(synthetic_data), "--out", str(out), "--quiet", "--device", "cpu"]
+    argv += ["--epochs", "2", "--batch-size", "128", "--seed", "7", "--max-len", "20", "--hidden-size", "32"]
+    argv += ["--loss", "sampled", "--negatives", "64", "--in-batch-negatives"]
+    assert cli.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_config"]["loss"] == "sampled" and metrics["train_config"]["negatives"] == 64
+    assert metrics["epochs_run"] == 2
+    values = list(metrics["valid"].values()) + list(metrics["test"].values())
+    assert values and all(math.isfinite(v) for v in values)
+    popular = metrics["baselines"]["Popularity"]["test"]
+    assert metrics["test"]["NDCG@10"] > popular["NDCG@10"]  # it learned something

@@ -1,0 +1,273 @@
+"""mqsa tune: tiny studies on the synthetic data (resumed, pruned, with a trial left running, on
+scrambled test items, in two processes) and the space file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from mqsa.cli import main
+from mqsa.errors import ConfigError
+from mqsa.training import tune as tune_module
+from mqsa.training.search_space import Param, SearchSpace
+from mqsa.training.sequences import read_sequences, write_sequences
+from mqsa.training.settings_file import read_settings_file
+from mqsa.training.tune import TuneConfig, tune
+from mqsa.training.vocabulary import vocabulary_for
+
+TINY = {"max_len": 10, "hidden_size": 16, "batch_size": 256}  # a trial of 2 epochs: about a second
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def load(out: Path, name: str = "mqsa") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
+
+
+@pytest.fixture(scope="module")
+def base_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("base") / "base.toml"
+    path.write_text("".join(f"{k} = {v}\n" for k, v in TINY.items()))
+    return path
+
+
+def tune_args(data: Path, out: Path, base: Path, *extra: str) -> list[str]:
+    """A tiny tune's command line: 2 epochs a trial, one thread, no pruning before epoch 5."""
+    common = ["--epochs", "2", "--threads", "1", "--startup-trials", "2", "--quiet"]
+    return ["tune", "--data", str(data), "--out", str(out), "--config", str(base), *common, *extra]
+
+
+@pytest.fixture(scope="module")
+def resumed(
+    synthetic_data: Path, base_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """One command run for 1 trial, then again for 3 trials and 2 final seeds: a resumed tune."""
+    out = tmp_path_factory.mktemp("tune")
+    assert main(tune_args(synthetic_data, out, base_file, "--trials", "1")) == 0
+    first = load(out).trials[0]
+    again = tune_args(synthetic_data, out, base_file, "--trials", "3", "--seeds", "2", "--final-epochs", "1")
+    assert main(again) == 0
+    return {"out": out, "first": first, "data": synthetic_data}
+
+
+def test_the_same_command_resumes_a_stopped_tune(resumed) -> None:
+    trials = load(resumed["out"]).trials
+    assert [t.number for t in trials] == [0, 1, 2]  # 3 trials, not 1 + 3
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    first = resumed["first"]
+    assert trials[0].params == first.params and trials[0].value == first.value
+    assert trials[0].datetime_start == first.datetime_start  # kept, not run again
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 3  # the second run drew new settings
+
+
+def test_a_study_of_other_data_is_refused(resumed, base_file, tmp_path, capsys) -> None:
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"{u} 1 2 3 4 5\n" for u in range(20)))
+    assert main(tune_args(other, resumed["out"], base_file, "--trials", "4")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "study 'mqsa' in sqlite:///" in err and "was made for other data" in err and "\n" not in err
+    assert len(load(resumed["out"]).trials) == 3
+
+
+def test_the_report_shows_the_search_and_the_final_runs_beside_the_baselines(resumed) -> None:
+    out = resumed["out"]
+    report = (out / "report.md").read_text()
+    assert (out / "history.png").read_bytes()[:8] == PNG and (out / "importances.png").read_bytes()[:8] == PNG
+    assert "![Optimisation history](history.png)" in report and "![Parameter importances]" in report
+    assert "3 finished (3 complete, 0 pruned)" in report
+    for n in range(3):
+        assert f"\n| {n} | complete | " in report
+    assert "## Final runs: the best settings with 2 seed(s), test split" in report
+    assert "| Popularity |" in report and "| Item Transition |" in report and " ± " in report
+    final = json.loads((out / "final.json").read_text())
+    assert final["seeds"] == [42, 43] and [r["seed"] for r in final["runs"]] == [42, 43]
+    ndcg = [r["test"]["NDCG@20"] for r in final["runs"]]
+    assert final["test"]["NDCG@20"]["mean"] == pytest.approx(np.mean(ndcg))
+    assert final["test"]["NDCG@20"]["sd"] == pytest.approx(np.std(ndcg, ddof=1))
+    assert set(final["baselines"]["ItemTransition"]) == {"valid", "test"}
+    trial_dir = out / "trials" / "mqsa-0000"
+    assert json.loads((trial_dir / "metrics.json").read_text())["test"] == {}  # trials rank no test item
+    assert not list((out / "trials").rglob("*.pt"))  # trials keep no weights
+
+
+def test_train_takes_the_best_file_and_a_flag_overrides_it(resumed, tmp_path) -> None:
+    out = resumed["out"]
+    best = read_settings_file(out / "best.toml")
+    study = load(out)
+    assert best["lr"] == study.best_params["lr"] and best["windows"] == (study.best_params["windows"],)
+    assert best["hidden_size"] == 16 and best["max_len"] == 10  # the base settings travel along
+    run = tmp_path / "run"
+    args = ["--data", str(resumed["data"]), "--out", str(run), "--config", str(out / "best.toml")]
+    assert main(["train", *args, "--epochs", "1", "--lr", "0.0042", "--quiet"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["train_config"]["lr"] == 0.0042 and metrics["train_config"]["epochs"] == 1
+    assert metrics["train_config"]["l2"] == best["l2"] and metrics["train_config"]["tau"] == best["tau"]
+    assert metrics["model_config"]["windows"] == list(best["windows"])
+    assert (
+        metrics["model_config"]["hidden_size"] == 16 and metrics["model_config"]["dropout"] == best["dropout"]
+    )
+
+
+def test_trials_a_stopped_tune_left_behind_are_run_again(synthetic_data, base_file, tmp_path) -> None:
+    out = tmp_path / "tune"
+    assert main(tune_args(synthetic_data, out, base_file, "--trials", "1")) == 0
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid now names no process
+    study = load(out)
+    killed = study.ask()  # what a tune killed mid-trial leaves: a RUNNING trial naming its process
+    SearchSpace().suggest(killed)
+    killed.set_user_attr("worker", {"host": socket.gethostname(), "pid": gone.pid})
+    alive = study.ask()  # one whose process (this one) still runs is left alone
+    alive.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+    stopped = study.ask()  # what a Ctrl-C leaves: a FAIL trial marked interrupted
+    SearchSpace().suggest(stopped)
+    stopped.set_user_attr("interrupted", True)
+    study.tell(stopped, state=TrialState.FAIL)
+    assert main(tune_args(synthetic_data, out, base_file, "--trials", "3")) == 0
+    trials = load(out).trials
+    states = [TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING, TrialState.FAIL]
+    assert [t.state for t in trials] == [*states, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[4].params == trials[1].params and trials[4].system_attrs["failed_trial"] == 1
+    assert trials[5].params == trials[3].params and trials[5].system_attrs["failed_trial"] == 3
+    report = (out / "report.md").read_text()
+    assert "repeats #1" in report and "repeats #3" in report
+
+
+def test_settings_that_do_not_go_together_fail_their_trial_only(synthetic_data, base_file, tmp_path) -> None:
+    space = write_space(tmp_path, "[num_heads]\nchoices = [3]\n")  # a valid value, but 16 / 3 is not whole
+    out = tmp_path / "tune"
+    assert main(tune_args(synthetic_data, out, base_file, "--trials", "2", "--space", str(space))) == 0
+    assert [t.state for t in load(out).trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert "No trial has completed yet" in (out / "report.md").read_text()
+    assert not (out / "best.toml").exists()
+
+
+def scrambled_copy(data: Path, out: Path) -> Path:
+    """``data`` with every user's last item (the test target) changed; the rest as it was."""
+    out.mkdir()
+    shutil.copy(data.parent / "items.json", out / "items.json")
+    sequences = read_sequences(data)
+    n = len(vocabulary_for(data, sequences.num_items))
+    changed = [np.append(s[:-1], (s[-1] + 1) % n) for s in sequences.sequences]
+    write_sequences(out / "sequences.txt", changed, sequences.user_ids)
+    return out / "sequences.txt"
+
+
+def test_trials_never_read_the_test_split(synthetic_data, tmp_path) -> None:
+    scrambled = scrambled_copy(synthetic_data, tmp_path / "scrambled")
+    assert read_sequences(scrambled).sequences[0][-1] != read_sequences(synthetic_data).sequences[0][-1]
+    config = TuneConfig(trials=2, epochs=2, threads=1, startup_trials=2, pruner="none")
+    seen = {}
+    for name, data in (("original", synthetic_data), ("scrambled", scrambled)):
+        tune(data, tmp_path / name, config, TINY, progress=False)
+        seen[name] = [(t.params, t.value, t.intermediate_values) for t in load(tmp_path / name).trials]
+    assert len(seen["original"]) == 2 and seen["original"] == seen["scrambled"]
+
+
+def test_the_pruner_gets_every_epochs_validation_score(synthetic_data, tmp_path, monkeypatch) -> None:
+    asked: list[tuple[int, int]] = []
+
+    class Recording(optuna.pruners.BasePruner):
+        def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+            asked.append((trial.number, trial.last_step))
+            return trial.number == 1  # the second trial is pruned at its first report
+
+    monkeypatch.setattr(tune_module, "make_pruner", lambda config: Recording())
+    tune(synthetic_data, tmp_path, TuneConfig(trials=2, epochs=3, threads=1), TINY, progress=False)
+    complete, pruned = load(tmp_path).trials
+    with (tmp_path / "trials" / "mqsa-0000" / "history.csv").open() as f:
+        history = {int(r["epoch"]): float(r["valid_NDCG@20"]) for r in csv.DictReader(f)}
+    assert complete.intermediate_values == history and list(history) == [1, 2, 3]
+    assert asked == [(0, 1), (0, 2), (0, 3), (1, 1)]
+    assert pruned.state == TrialState.PRUNED and list(pruned.intermediate_values) == [1]
+    assert pruned.user_attrs["epochs_run"] == 1 and pruned.user_attrs["stopped"] == "pruned after epoch 1"
+    assert pruned.value == pruned.intermediate_values[1]
+
+
+def test_two_jobs_run_trials_side_by_side_in_one_study(synthetic_data, tmp_path) -> None:
+    config = TuneConfig(trials=2, epochs=1, jobs=2, threads=2, pruner="none")
+    summary = tune(synthetic_data, tmp_path, config, TINY, progress=False)
+    trials = load(tmp_path).trials
+    assert summary["trials"] == {"complete": 2} and len(trials) == 2
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # two processes
+    assert trials[0].params != trials[1].params  # each process's sampler has its own seed
+
+
+def write_space(tmp_path: Path, text: str, suffix: str = ".toml") -> Path:
+    path = tmp_path / f"space{suffix}"
+    path.write_text(text)
+    return path
+
+
+def test_a_space_file_narrows_widens_and_fixes_the_search(tmp_path) -> None:
+    entries = {
+        "lr": {"low": 5e-4, "high": 2e-3, "log": True},
+        "dropout": {"value": 0.5},
+        "hidden_size": {"choices": [16, 32]},
+        "windows": {"low": 2, "high": 4},
+    }
+    space = SearchSpace.from_file(write_space(tmp_path, json.dumps(entries), ".json"))
+    by_name = {p.name: p for p in space.params}
+    assert by_name["lr"] == Param("lr", low=5e-4, high=2e-3, log=True)
+    assert not by_name["dropout"].searched and by_name["hidden_size"].choices == (16, 32)
+    assert {"alpha", "lambda_kd", "tau", "l2"} <= {p.name for p in space.searched()}  # defaults kept
+    for _ in range(5):
+        drawn = space.suggest(optuna.create_study().ask())
+        assert 5e-4 <= drawn["lr"] <= 2e-3 and drawn["dropout"] == 0.5 and drawn["hidden_size"] in (16, 32)
+        assert drawn["windows"] in {(2,), (3,), (4,)}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[learning_rate]\nlow = 1e-4\nhigh = 1e-3\n", "unknown parameter learning_rate (searchable: "),
+        ("[epochs]\nvalue = 3\n[seed]\nvalue = 1\n", "unknown parameters epochs, seed"),
+        ("[lr]\nlow = 1e-2\nhigh = 1e-3\n", "lr: low must be below high, got low 0.01 and high 0.001"),
+        ("[l2]\nlow = 0.0\nhigh = 1e-3\nlog = true\n", "l2: a log-scale range needs low > 0"),
+        ("[dropout]\nlow = 0.1\nhigh = 1.0\n", "dropout: dropout must be in [0, 1), got 1.0"),
+        ("[alpha]\nchoices = [0.5, 2.0]\n", "alpha: alpha must be in [0, 1], got 2.0"),
+        ("[windows]\nlow = 1\nhigh = 2.5\n", "windows must be an integer, got 2.5"),
+        ("[lr]\nlow = 1e-4\nhgh = 1e-3\n", "lr: unknown key hgh"),
+        ("[lr]\nvalue = 1e-3\nlow = 1e-4\n", "lr: give exactly one of a range (low, high), choices or value"),
+        ("[lr]\nlow = 1e-4\n", "lr: a range needs both low and high"),
+        ("lr = 0.001\n", "lr: expected a table"),
+        ("[linear_init]\nlow = 0\nhigh = 1\n", "linear_init: not a number: give choices or a value"),
+        ('[linear_init]\nchoices = ["torch", "xavier"]\n', "linear_init must be one of 'torch', 'glorot'"),
+        ("[hidden_size]\nchoices = []\n", "hidden_size: choices must be a non-empty list"),
+    ],
+)
+def test_a_bad_space_file_is_a_config_error_naming_the_setting(tmp_path, text: str, message: str) -> None:
+    path = write_space(tmp_path, text)
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        SearchSpace.from_file(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_a_bad_space_file_stops_the_command_in_one_line(synthetic_data, base_file, tmp_path, capsys) -> None:
+    space = write_space(tmp_path, "[lr]\nlow = 1e-2\nhigh = 1e-3\n")
+    out = tmp_path / "tune"
+    assert main(tune_args(synthetic_data, out, base_file, "--space", str(space))) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mqsa: error: {space}: lr: low must be below high, got low 0.01 and high 0.001"
+    )
+    assert not out.exists()  # nothing started
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("trials", 0), ("epochs", 0), ("jobs", 0), ("timeout", -1.0), ("final_epochs", 0)]
+)
+def test_bad_tune_settings_are_config_errors_naming_them(field: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=field):
+        TuneConfig(**{field: value})

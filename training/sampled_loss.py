@@ -1,0 +1,210 @@
+"""Sampled softmax for large catalogues: both losses over a sampled candidate set.
+
+The exact objective (``training/losses.py``) costs O(rows x N x d) a batch: every
+real position and every TED occurrence is scored against all N items. Here
+each batch draws one shared candidate set instead and scores every row
+against it, O(rows x C x d) with C = K (+ P in-batch) candidates.
+
+Both losses have the form ``log Z_r - linear_r``, where Z_r = sum_j exp(logit_rj)
+is the N-way partition function and ``linear_r`` the target's logit (the
+recommendation loss) or the teacher-weighted logit sum (TED). Only log Z_r is
+approximated; the linear terms stay exact (TED's through the sparse teacher).
+For a row with positive y, Z_r = exp(logit_ry) + sum_{j != y} exp(logit_rj); the
+first term is kept exactly and the sum is estimated by importance sampling
+over the candidates c_1..c_C:
+
+    Z_hat_r = exp(logit_ry) + sum_k [c_k != y] exp(logit_rc_k - log m(c_k))
+
+where m(j) is the expected number of times item j appears among the candidates
+(the logQ correction; m = K q(j) for K draws from q). E[Z_hat_r] = Z_r exactly, so
+log Z_hat_r is a consistent estimate of log Z_r whose downward (Jensen) bias
+shrinks like Var(Z_hat)/Z^2 as K grows. ``[c_k != y]`` removes accidental hits:
+a candidate equal to the row's positive is masked (its term is already in the
+first, exact one). With every item a candidate once and m = 1, Z_hat_r = Z_r: the
+sampled loss is then the exact one (a test checks this).
+
+Candidates (:class:`NegativeSampler`):
+
+- K negatives per batch, shared by every row, drawn with replacement from
+  q(j) proportional to (count_j + 1)^0.75, count_j the item's training
+  popularity: the word2vec unigram^0.75, which samples popular items (the hard,
+  high-logit negatives whose terms dominate Z) more than uniform sampling would,
+  but less than plain popularity, so the tail is still visited; the + 1 gives
+  every item q > 0, which unbiasedness needs (an item that can never be drawn is
+  never pushed down).
+- Optionally (``in_batch``) the batch's P target items as P more candidates,
+  drawn in effect from the plain popularity p(j) = count_j / sum count. The two
+  sets are combined with the balance heuristic of multiple importance sampling:
+  every candidate, whichever set it came from, is corrected by
+  m(j) = K q(j) + P p(j), which keeps E[Z_hat] = Z (up to the in-batch targets not
+  being independent draws: they come from a few users' sequences).
+
+TED's row for an occurrence of item i uses the same candidates with query
+student_i / tau and, as its exactly-kept positive, the item that followed i in
+that sequence (a transition the teacher always weighs, since the graph is built
+from these training sequences; i itself where nothing follows: the estimate is
+unbiased whichever item is kept exactly). So the sampled TED loss is
+
+    L_kd_hat = mean_i [log Z_hat_i - sum_j t_i[j] . student_i . E_j / tau]
+
+the exact cross-entropy(t_i, s_i) of spec section 6 with the student's N-way
+log-partition log sum_j exp(student_i . E_j / tau) replaced by its estimate
+above, at the same temperature tau; the teacher t_i is not truncated to the
+candidates (its term is exact and cheap: O(nnz) through the sparse teacher).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mqsa.errors import ConfigError
+from mqsa.models.mqsa import MQSA
+from mqsa.training.losses import LossSettings, LossValues, TEDTeacher, ted_linear_term
+
+SAMPLER_POWER = 0.75  # q(j) proportional to (count_j + 1)^0.75
+
+
+@dataclass
+class Candidates:
+    """One batch's candidate items and the log of each one's expected count in the draw.
+
+    Attributes:
+        items: (C,) item indices (repeats allowed: each occurrence is a term).
+        log_expected: (C,) log m(items[k]), the logQ correction of each candidate.
+    """
+
+    items: torch.Tensor
+    log_expected: torch.Tensor
+
+
+@dataclass
+class NegativeSampler:
+    """Draws a batch's candidates: K shared negatives, plus the batch's targets if ``in_batch``.
+
+    Attributes:
+        negatives: K, negatives drawn per batch.
+        in_batch: also use the batch's target items as candidates.
+        log_q: (N,) log q(j) of the sampled negatives' distribution.
+        log_p: (N,) log p(j), plain popularity, the in-batch targets' distribution
+            (-inf for items never seen in training).
+    """
+
+    negatives: int
+    in_batch: bool
+    log_q: torch.Tensor
+    log_p: torch.Tensor
+
+    @classmethod
+    def from_counts(
+        cls, counts: Sequence[int] | torch.Tensor, negatives: int, in_batch: bool = False
+    ) -> NegativeSampler:
+        """From the items' training popularity (``TrainingData.item_counts``)."""
+        if negatives < 1:
+            raise ConfigError(f"negatives must be >= 1, got {negatives}")
+        counts = torch.as_tensor(counts, dtype=torch.float64)  # (N,)
+        if counts.ndim != 1 or counts.numel() == 0 or bool((counts < 0).any()):
+            raise ConfigError("item counts must be a non-empty vector of counts >= 0")
+        weights = (counts + 1.0) ** SAMPLER_POWER
+        log_q = (weights / weights.sum()).log()
+        log_p = (counts / counts.sum().clamp_min(1.0)).log()
+        return cls(negatives, in_batch, log_q.float(), log_p.float())
+
+    def to(self, device: torch.device | str) -> NegativeSampler:
+        return NegativeSampler(self.negatives, self.in_batch, self.log_q.to(device), self.log_p.to(device))
+
+    def draw(self, targets: torch.Tensor) -> Candidates:
+        """This batch's candidates; ``targets`` (P,) are the batch's target items.
+
+        The K negatives come from torch's global generator (seeded by the trainer,
+        saved and restored with a run's state).
+        """
+        drawn = torch.multinomial(self.log_q.exp(), self.negatives, replacement=True)  # (K,)
+        items = torch.cat([drawn, targets]) if self.in_batch else drawn  # (C,)
+        expected = self.negatives * self.log_q[items].exp()  # (C,) K q(j)
+        if self.in_batch:
+            expected = expected + targets.numel() * self.log_p[items].exp()  # + P p(j)
+        return Candidates(items, expected.log())
+
+
+def sampled_logsumexp(
+    queries: torch.Tensor,
+    table: torch.Tensor,
+    positives: torch.Tensor,
+    candidates: Candidates,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log Z_hat for each row (see the module docstring) and each row's positive logit.
+
+    Args:
+        queries: (R, D) the rows' query vectors.
+        table: (N, D) the item embeddings.
+        positives: (R,) each row's positive item, kept exactly.
+        candidates: the batch's C candidates with their logQ correction.
+        dtype: dtype of the (R, C) product (float32 or bfloat16); the
+            log-sum-exp stays float32.
+
+    Returns:
+        (R,) log Z_hat and (R,) positive logits, both differentiable.
+    """
+    positive_logits = (queries * table[positives]).sum(-1)  # (R,)
+    cand = table[candidates.items]  # (C, D)
+    logits = (queries.to(dtype) @ cand.to(dtype).T).float()  # (R, C)
+    logits = logits - candidates.log_expected[None, :]  # logQ correction
+    hits = candidates.items[None, :] == positives[:, None]  # (R, C) accidental hits
+    logits = logits.masked_fill(hits, -math.inf)
+    return torch.logaddexp(positive_logits, torch.logsumexp(logits, dim=1)), positive_logits
+
+
+def sampled_mqsa_loss(
+    model: MQSA,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    teacher: TEDTeacher | None,
+    settings: LossSettings,
+    sampler: NegativeSampler,
+    candidates: Candidates | None = None,
+) -> tuple[torch.Tensor, LossValues]:
+    """L = L_rec_hat + lambda_kd * L_kd_hat + l2 * sum ||w||^2 / 2, as ``mqsa_loss`` returns it.
+
+    Args:
+        model: the network (the same three methods ``mqsa_loss`` uses).
+        inputs: (B, T') left-padded input items (train[:-1]).
+        targets: (B, T') next items aligned with ``inputs``, padding where none.
+        teacher: the sparse TED teacher; None (or lambda_kd 0) turns TED off.
+        settings: the objective's weights (``chunk`` is unused here).
+        sampler: draws the batch's candidates.
+        candidates: use these instead of drawing (tests).
+
+    Returns:
+        The differentiable total loss and its parts as floats (``rec`` and ``kd``
+        are the sampled estimates, not the exact losses).
+    """
+    z, target_items = model.real_position_queries(inputs, targets)  # (P, D), (P,)
+    table = model.item_embeddings()  # (N, D)
+    if candidates is None:
+        candidates = sampler.draw(target_items)
+    lse, rec_linear = sampled_logsumexp(z, table, target_items, candidates, settings.dtype)  # (P,) each
+    rec = (lse - rec_linear).mean()
+    loss = rec
+    kd_value = 0.0
+    if teacher is not None and settings.lambda_kd > 0:
+        pad = model.config.padding_idx
+        real = inputs != pad  # (B, T')
+        items, followers = inputs[real], targets[real]  # (K,) occurrences and the item after each
+        followers = torch.where(followers == pad, items, followers)  # none after: any item will do
+        student = model.student_vectors(items) / settings.tau  # (K, D)
+        kd_lse, _ = sampled_logsumexp(student, table, followers, candidates, settings.dtype)  # (K,)
+        kd_linear = ted_linear_term(student * settings.tau, items, table, teacher, settings.tau)  # (K,)
+        kd = (kd_lse - kd_linear).mean()
+        loss = loss + settings.lambda_kd * kd
+        kd_value = kd.item()
+    l2_value = 0.0
+    if settings.l2 > 0:
+        penalty = 0.5 * settings.l2 * sum(p.pow(2).sum() for p in model.parameters() if p.requires_grad)
+        loss = loss + penalty
+        l2_value = penalty.item()
+    return loss, LossValues(total=loss.item(), rec=rec.item(), kd=kd_value, l2=l2_value)
