@@ -37,7 +37,8 @@ class BestEpoch:
     Attributes:
         epoch: the epoch, from 1.
         valid: its validation metrics (HR@K, NDCG@K).
-        test: its test metrics, computed once, when it became the best.
+        test: its test metrics, computed once, when it became the best (at the end of
+            the run when the per-epoch validation used a sample, or none ran).
     """
 
     epoch: int = 0

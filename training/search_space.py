@@ -41,7 +41,18 @@ from mqsa.training.settings_file import check_settings, coerce, load_table, sett
 
 # Settings that say how long, where or how fast a trial runs, not what it learns: never searched.
 SEARCH_EXCLUDED = frozenset(
-    {"epochs", "patience", "seed", "eval_every", "device", "precision", "threads", "chunk", "init_from"}
+    {
+        "epochs",
+        "patience",
+        "seed",
+        "eval_every",
+        "valid_sample",
+        "device",
+        "precision",
+        "threads",
+        "chunk",
+        "init_from",
+    }
 )
 ENTRY_KEYS = frozenset({"low", "high", "log", "step", "choices", "value"})
 

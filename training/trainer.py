@@ -8,7 +8,10 @@ per epoch ``_train_epoch``, ``_valid_epoch`` (evaluate, keep the best) and
 ``_save_state`` (``last.pt``, ``history.csv``); at the end ``_finish`` writes
 ``best.pt``, ``metrics.json`` and ``curves.png``. The epoch with the best
 validation NDCG@20 is selected and its test metrics reported (spec section 7);
-the test split is never used for any decision. ``train`` is the one-call form
+the test split is never used for any decision. With ``valid_sample`` the per-epoch
+validation ranks a fixed sample of users and the selected epoch is evaluated on all
+of them, and tested, at the end; with ``eval_every`` > ``epochs`` no validation runs
+and the last epoch's model is the result (``TrainConfig``). ``train`` is the one-call form
 behind ``mqsa train``.
 
 An ``on_epoch(epoch, valid_metrics)`` callback, if given, sees every evaluation's
@@ -43,6 +46,7 @@ from mqsa.training.evaluation import (
     make_test_set,
     make_validation_set,
     popularity,
+    sample_eval_set,
 )
 from mqsa.training.losses import LossSettings, LossValues, TEDTeacher, mqsa_loss
 from mqsa.training.run_state import RunState, capture_rng, load_run_state, restore_rng, save_run_state
@@ -77,7 +81,16 @@ class TrainConfig:
         tau: TED temperature.
         time_span: transition window of the TED graph, in steps.
         seed: seeds initialisation, dropout and batch order.
-        eval_every: evaluate on the validation split every this many epochs.
+        eval_every: evaluate on the validation split at epochs eval_every, 2 x eval_every, ...
+            only (the last epoch too only if it is one of them). With eval_every > epochs no
+            validation runs: the last epoch's model is the result, evaluated once at the end
+            on the validation and test splits (metrics.json: "selection": "last_epoch").
+        valid_sample: rank only this many users, a seeded sample drawn once and the same
+            every epoch, in the per-epoch validation (0 = every user). Each evaluation then
+            costs valid_sample / users of a full pass, but the epoch selection (and
+            patience, and on_epoch) rests on a noisier estimate, so a close call may pick
+            a slightly worse epoch; the selected epoch's reported validation and test
+            metrics are from full passes at the end.
         patience: stop after this many evaluations without a better validation
             NDCG@20 (0 = never stop early).
         device: auto (CUDA when present), cpu or cuda.
@@ -110,6 +123,7 @@ class TrainConfig:
     time_span: int = 1
     seed: int = 42
     eval_every: int = 1
+    valid_sample: int = 0
     patience: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -129,7 +143,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 < self.adam_beta2 < 1.0:
             raise ConfigError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2}")
-        for name in ("l2", "lambda_kd", "patience", "threads"):
+        for name in ("l2", "lambda_kd", "valid_sample", "patience", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -318,6 +332,10 @@ class Trainer:
         self.on_epoch, self.evaluate_test = on_epoch, evaluate_test
         ranked = self.data.eval_sets if evaluate_test else {"valid": self.data.eval_sets["valid"]}
         self.baselines = baseline_metrics(self.data.split, self.data.graph, ranked)
+        # The per-epoch validation users, drawn once from a stream of their own (batch order untouched).
+        sample_seed = int(np.random.SeedSequence([config.seed, 1]).generate_state(1)[0])
+        self.valid_set = sample_eval_set(self.data.eval_sets["valid"], config.valid_sample, sample_seed)
+        self.selection = "best_valid"  # or "last_epoch" when no validation ran (``_final_evaluation``)
         self.loss_settings = config.loss_settings()
         self.sampler: NegativeSampler | None = None  # None: the exact loss
         if config.loss == "sampled":
@@ -356,7 +374,7 @@ class Trainer:
         for epoch in range(first_epoch, last_epoch + 1):
             row = self._train_epoch(epoch)
             valid = None
-            if epoch % self.config.eval_every == 0 or epoch == self.config.epochs:
+            if epoch % self.config.eval_every == 0:  # only then (TrainConfig.eval_every)
                 valid = self._valid_epoch(epoch, row)
             self.history.append(row)
             report.epoch_line(row, self.best.epoch == epoch, self.progress)
@@ -458,18 +476,23 @@ class Trainer:
         self.optimizer.step()
         return values
 
+    def _sampled(self) -> bool:
+        return self.valid_set is not self.data.eval_sets["valid"]
+
     def _valid_epoch(self, epoch: int, row: dict[str, float]) -> dict[str, float]:
-        """Evaluate on the validation split; a new best is tested, kept and saved as ``best.pt``.
+        """Evaluate on the validation split (or its sample); a new best is tested, kept and saved
+        as ``best.pt``. With a sample, testing waits for the end (``_final_evaluation``).
 
         Returns:
             The validation metrics.
         """
-        valid = evaluate_model(self.model, self.data.eval_sets["valid"])
+        valid = evaluate_model(self.model, self.valid_set)
         row.update({f"valid_{k}": v for k, v in valid.items()})
         if not self.best.beaten_by(valid):
             self.stale += 1
             return valid
-        test = evaluate_model(self.model, self.data.eval_sets["test"]) if self.evaluate_test else {}
+        tested = self.evaluate_test and not self._sampled()
+        test = evaluate_model(self.model, self.data.eval_sets["test"]) if tested else {}
         self.best = BestEpoch(epoch, valid, test)
         self.best_state = copy.deepcopy(self.model.state_dict())
         self.stale = 0
@@ -501,6 +524,7 @@ class Trainer:
     def _finish(self) -> dict[str, Any]:
         """Load the best weights and write ``best.pt``, ``metrics.json`` and ``curves.png``."""
         replica_checksums = self.world.checksums(self.model)  # every process's final weights
+        self._final_evaluation()
         self.model.load_state_dict(self.best_state)
         self.world.close()
         metrics = self._metrics(replica_checksums)
@@ -512,6 +536,23 @@ class Trainer:
         if self.progress:
             print(report.results_table(metrics, "test" if self.evaluate_test else "valid"))
         return metrics
+
+    def _final_evaluation(self) -> None:
+        """Full-pass metrics for the result when the per-epoch ones are not: with no validation
+        run at all, the last epoch's model is the result; with a sampled validation, the
+        selected epoch is evaluated again on every validation user, and tested."""
+        if self.best.epoch == 0 and self.history:
+            self.selection = "last_epoch"
+            self.best_state = copy.deepcopy(self.model.state_dict())
+            epoch = int(self.history[-1]["epoch"])
+        elif self.best.epoch and self._sampled():
+            epoch = self.best.epoch
+        else:
+            return
+        self.model.load_state_dict(self.best_state)
+        valid = evaluate_model(self.model, self.data.eval_sets["valid"])
+        test = evaluate_model(self.model, self.data.eval_sets["test"]) if self.evaluate_test else {}
+        self.best = BestEpoch(epoch, valid, test)
 
     def _checkpoint(self) -> Checkpoint:
         return Checkpoint(
@@ -545,6 +586,7 @@ class Trainer:
             "epochs_run": len(self.history),
             "stopped": self.stopped,
             "best_epoch": self.best.epoch,
+            "selection": self.selection,
             "valid": self.best.valid,
             "test": self.best.test,
             "baselines": self.baselines,

@@ -7,14 +7,19 @@ import pytest
 import torch
 
 from mqsa.training.evaluation import (
+    BatchScores,
     EvalSet,
+    chunked_target_ranks,
     evaluate_scores,
     make_test_set,
     make_validation_set,
     metrics_from_ranks,
     popularity,
+    popularity_ranks,
     popularity_scorer,
+    sample_eval_set,
     target_ranks,
+    transition_chunk_scorer,
     transition_scorer,
 )
 from mqsa.training.sequences import split_leave_one_out
@@ -110,6 +115,45 @@ def test_test_set_includes_validation_item() -> None:
     assert [h.tolist() for h in es.history] == [[2, 3, 4, 5], [7, 8]]  # cut train + validation item
 
 
+@pytest.mark.parametrize("item_chunk", [1, 3, 7, 40, 1000])
+def test_chunked_ranks_equal_the_dense_ranks_with_ties(item_chunk: int) -> None:
+    """Random integer scores (many ties), histories with repeats and targets among them."""
+    gen = np.random.default_rng(0)
+    b, n = 50, 40
+    scores = torch.from_numpy(gen.integers(0, 6, size=(b, n)).astype(np.float32))
+    targets = torch.from_numpy(gen.integers(0, n, size=b))
+    history = [gen.integers(0, n, size=gen.integers(0, 12)) for _ in range(b)]
+    history[0] = np.append(history[0], targets[0].item())  # a target in its own history
+    expected = target_ranks(scores.clone(), targets, history)
+    chunked = chunked_target_ranks(BatchScores.dense(scores.clone()), targets, history, item_chunk)
+    assert chunked.tolist() == expected.tolist()
+
+
+def test_chunked_scorers_rank_like_the_dense_ones() -> None:
+    """Item Transition chunk by chunk and Popularity without scoring: the dense scorers' ranks."""
+    gen = np.random.default_rng(1)
+    n = 30
+    train = [gen.integers(0, n, size=gen.integers(2, 15)) for _ in range(80)]
+    graph = TransitionGraph.from_sequences(train, n)
+    counts = popularity(train, n)
+    es = EvalSet(inputs=train, targets=gen.integers(0, n, size=80), history=train)
+    targets = torch.from_numpy(es.targets)
+    dense = transition_scorer(graph, counts)(es.inputs)
+    expected = target_ranks(dense, targets, es.history)
+    chunks = transition_chunk_scorer(graph, counts)(es.inputs)
+    assert chunked_target_ranks(chunks, targets, es.history, 7).tolist() == expected.tolist()
+    expected = target_ranks(popularity_scorer(counts)(es.inputs), targets, es.history)
+    assert popularity_ranks(counts, es).tolist() == expected.tolist()
+
+
+def test_validation_sample_is_fixed_by_the_seed() -> None:
+    es = EvalSet(inputs=arrays(*[[i] for i in range(20)]), targets=np.arange(20), history=arrays(*[[]] * 20))
+    a, b = sample_eval_set(es, 5, seed=3), sample_eval_set(es, 5, seed=3)
+    assert len(a) == 5 and a.targets.tolist() == b.targets.tolist() == sorted(set(a.targets.tolist()))
+    assert [s.tolist() for s in a.inputs] == [[t] for t in a.targets.tolist()]  # rows stay together
+    assert sample_eval_set(es, 0, seed=3) is es and sample_eval_set(es, 20, seed=3) is es
+
+
 # ---------------------------------------------------------------- baselines
 
 
@@ -173,3 +217,21 @@ def test_model_metrics_do_not_depend_on_batching(trained_run) -> None:
     one_by_one = evaluate_model(model, es, batch_size=1)
     batched = evaluate_model(model, es, batch_size=16)
     assert batched == pytest.approx(one_by_one, abs=1e-12)
+    assert evaluate_model(model, es, batch_size=16, item_chunk=7) == batched  # item chunks: same ranks
+
+
+def test_model_ranks_chunked_equal_the_dense_ranks(trained_run) -> None:
+    """The model scored a chunk of items at a time ranks every user as the full (B, N) product."""
+    from mqsa.training.checkpoint import Checkpoint
+    from mqsa.training.evaluation import model_chunk_scorer, model_scorer
+    from mqsa.training.sequences import read_sequences
+
+    model = Checkpoint.load(trained_run["dir"] / "best.pt").build_model().eval()
+    data = read_sequences(trained_run["data"])
+    es = make_test_set(split_leave_one_out(data.sequences, model.config.max_len), model.config.max_len)
+    targets = torch.from_numpy(es.targets)
+    expected = target_ranks(model_scorer(model)(es.inputs), targets, es.history)
+    with torch.no_grad():
+        chunks = model_chunk_scorer(model)(es.inputs)
+        for item_chunk in (13, 64, 10_000):
+            assert chunked_target_ranks(chunks, targets, es.history, item_chunk).tolist() == expected.tolist()

@@ -162,3 +162,60 @@ def test_two_processes_end_with_identical_weights(synthetic_data, tmp_path) -> N
     sums = metrics["distributed"]["replica_checksums"]
     assert metrics["distributed"]["world_size"] == 2 and len(sums) == 2 and sums[0] == sums[1]
     assert metrics["test"]["NDCG@10"] > 2 * metrics["baselines"]["Popularity"]["test"]["NDCG@10"]
+
+
+def spy_evaluations(monkeypatch) -> list[int]:
+    """Record the number of users of every model evaluation the trainer runs."""
+    from mqsa.training import trainer as trainer_module
+
+    sizes: list[int] = []
+    real = trainer_module.evaluate_model
+
+    def spy(model, eval_set, *args, **kwargs):
+        sizes.append(len(eval_set))
+        return real(model, eval_set, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "evaluate_model", spy)
+    return sizes
+
+
+def test_validation_sample_is_fixed_and_the_final_pass_is_full(synthetic_data, tmp_path, monkeypatch) -> None:
+    sizes = spy_evaluations(monkeypatch)
+    config = TrainConfig(epochs=2, batch_size=256, seed=5, valid_sample=100, threads=1)
+    trainer = Trainer(synthetic_data, tmp_path, {"max_len": 10, "hidden_size": 16}, config, progress=False)
+    sample = trainer.valid_set
+    users = len(trainer.data.eval_sets["valid"])
+    metrics = trainer.fit()
+    assert trainer.valid_set is sample and len(sample) == 100 < users  # drawn once, used every epoch
+    again = Trainer(
+        synthetic_data, tmp_path / "again", {"max_len": 10, "hidden_size": 16}, config, progress=False
+    )
+    assert again.valid_set.targets.tolist() == sample.targets.tolist()  # the seed fixes it
+    assert sizes == [100, 100, users, users]  # two sampled epochs, then full valid and test
+    full = evaluate_checkpoint(tmp_path / "best.pt", synthetic_data)
+    assert metrics["valid"] == pytest.approx(full["valid"], abs=1e-6)
+    assert metrics["test"] == pytest.approx(full["test"], abs=1e-6) and metrics["selection"] == "best_valid"
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    best_row = rows[metrics["best_epoch"] - 1]
+    assert float(best_row["valid_NDCG@20"]) != pytest.approx(metrics["valid"]["NDCG@20"], abs=1e-9)
+
+
+def test_eval_every_beyond_the_epochs_runs_no_validation(synthetic_data, tmp_path, monkeypatch) -> None:
+    """--epochs 1 --eval-every 2: no per-epoch validation; the last epoch's model is the result,
+    evaluated once at the end on the validation and test splits."""
+    sizes = spy_evaluations(monkeypatch)
+    seen: list[int] = []
+    config = TrainConfig(epochs=1, eval_every=2, batch_size=256, seed=2, threads=1)
+    small = {"max_len": 10, "hidden_size": 16}
+    trainer = Trainer(synthetic_data, tmp_path, small, config, False, lambda epoch, _: seen.append(epoch))
+    metrics = trainer.fit()
+    users = len(trainer.data.eval_sets["valid"])
+    assert seen == [] and sizes == [users, users]  # no validation epoch; one final pass each
+    assert metrics["best_epoch"] == 1 and metrics["selection"] == "last_epoch"
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    assert len(rows) == 1 and "valid_NDCG@20" not in rows[0]
+    last = torch.load(tmp_path / "last.pt", weights_only=False)["model"]
+    best = Checkpoint.load(tmp_path / "best.pt").state_dict
+    assert all(torch.equal(last[k], best[k]) for k in last)  # the last epoch's weights
+    full = evaluate_checkpoint(tmp_path / "best.pt", synthetic_data)
+    assert metrics["test"] == pytest.approx(full["test"], abs=1e-6) and metrics["test"]
