@@ -20,10 +20,10 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from mqsa.errors import DataError
+from mqsa.service.settings import IMPRESSION
 from mqsa.service.store import as_text, connect, redis_errors
 
 COLUMNS = ("user_id", "item_id", "timestamp", "event_id", "event_type", "recommendation_id")
-IMPRESSION = "impression"
 
 
 async def export_events(

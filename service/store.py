@@ -62,6 +62,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -272,9 +273,10 @@ class Impression:
     latency_seconds: float
     fallback: str | None = None
 
-    @property
+    @cached_property
     def items_json(self) -> str:
-        """The items as the stream and the scripts take them: a JSON list (UTF-8, compact)."""
+        """The items as the stream and the scripts take them: a JSON list (UTF-8, compact); made
+        once, for the stream entry and for the counts."""
         return json.dumps(self.items, ensure_ascii=False, separators=(",", ":"))
 
 

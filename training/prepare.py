@@ -19,6 +19,8 @@ import math
 import re
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -261,6 +263,39 @@ def archive_schema() -> Any:
     return pa.schema([*((name, types[kind]) for name, kind in ARCHIVE_SCHEMA), ("date", pa.string())])
 
 
+@contextmanager
+def archive_errors(url: str) -> Iterator[None]:
+    """Reading an archive: pyarrow's and fsspec's errors (ValueErrors, OSErrors) as a DataError."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (OSError, ValueError, ImportError, TypeError) as exc:
+        raise DataError(f"cannot read the archive (a folder is read as Parquet files): {exc}", url) from exc
+
+
+def open_archive(url: str) -> Any:
+    """The archive under ``url`` (a folder or fsspec URL) as a ``pyarrow.dataset.Dataset`` in the
+    archive's schema, so files from before a column existed read it as null.
+
+    Raises:
+        DataError: no such folder, no Parquet file in it, or one it cannot read.
+    """
+    import fsspec
+    import pyarrow.dataset as ds
+
+    with archive_errors(url):
+        fs, root = fsspec.core.url_to_fs(url)
+        if not fs.isdir(root):
+            raise DataError("no such archive folder", url)
+        dataset = ds.dataset(
+            root, schema=archive_schema(), filesystem=fs, format="parquet", partitioning="hive"
+        )
+        if not dataset.files:
+            raise DataError("the archive holds no Parquet file (a folder is read as an event archive)", url)
+    return dataset
+
+
 def read_archive(url: str, since: float | None = None) -> pd.DataFrame:
     """The archive's user, item and timestamp columns, of the days from ``since``'s on (a day
     is when the service received the events: never before their timestamp, unless a
@@ -275,26 +310,14 @@ def read_archive(url: str, since: float | None = None) -> pd.DataFrame:
         DataError: no such archive, no Parquet file in it (a folder is read as an
             event archive), or a file it cannot read.
     """
-    import fsspec
     import pyarrow.dataset as ds
 
-    try:
-        fs, root = fsspec.core.url_to_fs(url)
-        if not fs.isdir(root):
-            raise DataError("no such archive folder", url)
-        # The archive's schema, so files from before a column existed read it as null.
-        schema = archive_schema()
-        dataset = ds.dataset(root, schema=schema, filesystem=fs, format="parquet", partitioning="hive")
-        if not dataset.files:
-            raise DataError("the archive holds no Parquet file (a folder is read as an event archive)", url)
-        where = None
-        if since is not None and "date" in dataset.schema.names:
-            where = ds.field("date") >= datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%d")
+    dataset = open_archive(url)
+    where = None
+    if since is not None:
+        where = ds.field("date") >= datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%d")
+    with archive_errors(url):
         table = dataset.to_table(columns=[*ARCHIVE_COLUMNS, *ARCHIVE_KEY], filter=where)
-    except DataError:
-        raise
-    except (OSError, ValueError, ImportError) as exc:  # pyarrow's errors are ValueErrors or OSErrors
-        raise DataError(f"cannot read the archive (a folder is read as Parquet files): {exc}", url) from exc
     if table.num_rows == 0:
         raise DataError("the archive holds no event in the window", url)
     frame = table.to_pandas()

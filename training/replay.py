@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from mqsa.errors import ConfigError, DataError
-from mqsa.training.prepare import IMPRESSION, UNTYPED, archive_schema, parse_time
+from mqsa.training.prepare import IMPRESSION, UNTYPED, archive_errors, open_archive, parse_time
 
 SERVED = "served"
 RECOMMEND = "recommend"
@@ -134,33 +134,22 @@ def read_feedback(url: str, since: float | None = None, until: float | None = No
 
 def _read(url: str, since: float | None, until: float | None) -> tuple[pd.DataFrame, bool]:
     """:func:`read_feedback`'s frame, and whether the archive holds an entry at or after ``until``."""
-    import fsspec
     import pyarrow.dataset as ds
 
     lo_ms = -math.inf if since is None else since * 1000
     hi_ms = math.inf if until is None else until * 1000
-    try:
-        fs, root = fsspec.core.url_to_fs(url)
-        if not fs.isdir(root):
-            raise DataError("no such archive folder", url)
-        schema = archive_schema()  # files from before a column existed read it as null
-        dataset = ds.dataset(root, schema=schema, filesystem=fs, format="parquet", partitioning="hive")
-        if not dataset.files:
-            raise DataError("the archive holds no Parquet file (a folder is read as an event archive)", url)
-        days = {p.split("date=", 1)[1].split("/", 1)[0] for p in dataset.files if "date=" in p}
-        where = None
-        if math.isfinite(lo_ms):
-            where = ds.field("date") >= _day(lo_ms)
-        if math.isfinite(hi_ms):
-            upper = ds.field("date") <= _day(hi_ms)
-            where = upper if where is None else where & upper
-        if where is not None:
-            where = where | ds.field("date").is_null()  # files outside date= folders
+    dataset = open_archive(url)
+    days = {p.split("date=", 1)[1].split("/", 1)[0] for p in dataset.files if "date=" in p}
+    where = None
+    if math.isfinite(lo_ms):
+        where = ds.field("date") >= _day(lo_ms)
+    if math.isfinite(hi_ms):
+        upper = ds.field("date") <= _day(hi_ms)
+        where = upper if where is None else where & upper
+    if where is not None:
+        where = where | ds.field("date").is_null()  # files outside date= folders
+    with archive_errors(url):
         table = dataset.to_table(columns=[*TEXT_COLUMNS, "items", "extra"], filter=where)
-    except DataError:
-        raise
-    except (OSError, ValueError, ImportError, TypeError) as exc:  # pyarrow's: ValueErrors, OSErrors
-        raise DataError(f"cannot read the archive (a folder is read as Parquet files): {exc}", url) from exc
     frame = table.to_pandas()
     frame = frame[~frame.duplicated(["stream", "stream_id"])]
     ms, seq = _stream_ids(frame["stream_id"], url)
@@ -223,7 +212,8 @@ UNKNOWN = "unknown"  # an intentional copy of service/stats.py's (the trainer im
 
 
 def model_of(recommendation_id: str) -> str:
-    """The model version a recommendation id names (its first part)."""
+    """The model version a recommendation id names (its first part); an intentional copy of
+    service/feedback.py's (checked by tests/training/test_replay.py)."""
     return recommendation_id.partition("-")[0]
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from mqsa.cli import main as cli_main
 from mqsa.errors import ConfigError, DataError
+from mqsa.training.prepare import archive_schema
 from mqsa.training.replay import (
     ReplayConfig,
     bundle_lists,
@@ -30,23 +31,7 @@ T = 600  # the attribution window of these tests
 A, B, S = "a" * 16, "b" * 16, "c" * 16  # two served models (A/B) and a shadow one
 STREAM = "p:{b0}:events"
 
-NEW_SCHEMA = pa.schema(
-    [
-        ("user_id", pa.string()),
-        ("item_id", pa.string()),
-        ("timestamp", pa.float64()),
-        ("event_id", pa.string()),
-        ("event_type", pa.string()),
-        ("recommendation_id", pa.string()),
-        ("items", pa.list_(pa.string())),
-        ("model_version", pa.string()),
-        ("route", pa.string()),
-        ("mode", pa.string()),
-        ("stream", pa.string()),
-        ("stream_id", pa.string()),
-        ("extra", pa.string()),
-    ]
-)
+NEW_SCHEMA = pa.schema([f for f in archive_schema() if f.name != "date"])  # what the archiver writes
 OLD_SCHEMA = pa.schema(  # the archive's files before the feedback columns
     [
         f
@@ -316,3 +301,9 @@ def test_the_served_cap_is_the_services() -> None:
     from mqsa.training.replay import UNKNOWN as unknown_copy
 
     assert unknown_copy == UNKNOWN
+    from mqsa.service.feedback import model_of as served_model_of
+    from mqsa.service.feedback import new_recommendation_id
+    from mqsa.training.replay import model_of
+
+    made = new_recommendation_id("0123456789abcdef")
+    assert model_of(made) == served_model_of(made) == "0123456789abcdef"
