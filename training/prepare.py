@@ -31,7 +31,7 @@ import pandas as pd
 
 from mqsa.errors import ConfigError, DataError
 from mqsa.training.artifacts import write_json_atomic
-from mqsa.training.sequences import MIN_LENGTH, write_sequences
+from mqsa.training.sequences import MIN_LENGTH
 from mqsa.training.vocabulary import Vocabulary
 
 CSV_SEPARATORS = {".csv": ",", ".tsv": "\t"}
@@ -58,6 +58,10 @@ class PrepareConfig:
         event_types: comma-separated event types to learn from (a log or archive with an
             ``event_type`` column; rows without a type are ``view``); empty: every type.
             The service's impressions (served lists) are never read as events.
+        memory_gb: the most memory the on-disk event table (DuckDB) may use; beyond it, it
+            spills to ``temp_dir``.
+        temp_dir: where the event table and its spill go while preparing (default: the
+            system's temporary folder); it needs about 40 B per event.
     """
 
     k: int = 5
@@ -69,6 +73,8 @@ class PrepareConfig:
     since: str | None = None
     until: str | None = None
     event_types: str = ""
+    memory_gb: float = 4.0
+    temp_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -77,8 +83,11 @@ class PrepareConfig:
             raise ConfigError(f"min_users must be at least 1, got {self.min_users}")
         if not 0.0 <= self.max_skipped_fraction <= 1.0:
             raise ConfigError(f"max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}")
+        if self.memory_gb < 0.125:
+            raise ConfigError(f"memory_gb must be at least 0.125, got {self.memory_gb}")
 
 
+@dataclass
 @dataclass
 class Log:
     """An interaction log as read: its usable rows, and what was skipped.
@@ -99,6 +108,100 @@ class Log:
 
 
 SAMPLE_SIZE = 5
+CHUNK_ROWS = 500_000  # rows validated at a time: about 100 MB of pandas strings
+
+
+class LogReader:
+    """A log's usable rows, chunk by chunk, and a tally of the rows it skipped.
+
+    Iterate once (frames with ``user_id``, ``item_id``, ``timestamp`` and, from an
+    archive, ``stream`` and ``stream_id``), then :meth:`check`. Each chunk is validated
+    as :func:`read_log` describes; the choice between numbers and dates for the
+    timestamps is the first usable row's, whatever chunk it is in. Memory holds one
+    chunk, whatever the log's size.
+
+    Attributes:
+        rows: the rows read so far (of an archive, copies of an entry included).
+        skipped: the unusable rows so far; ``sample`` says where and why, for the first few.
+        kept: the usable rows in the window so far.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        columns: tuple[str, str, str] = ("user_id", "item_id", "timestamp"),
+        since: float | None = None,
+        until: float | None = None,
+        event_types: frozenset[str] | None = None,
+        chunk_rows: int | None = None,
+    ) -> None:
+        self.archive = is_archive(path)
+        self.path = str(path) if self.archive else Path(path)
+        self.columns, self.since, self.until, self.event_types = columns, since, until, event_types
+        self.chunk_rows = chunk_rows or CHUNK_ROWS
+        self.rows = self.skipped = self.kept = 0
+        self.sample: list[str] = []
+        self.time_kind: str | None = None  # "number" or "date", once a usable row decides
+
+    def __iter__(self) -> Iterator[pd.DataFrame]:
+        if self.archive:
+            chunks, is_csv = _archive_chunks(str(self.path), self.since, self.chunk_rows), False
+        else:
+            chunks, is_csv = _table_chunks(Path(self.path), self.chunk_rows)
+        for raw in chunks:
+            frame = self._usable(only_events(raw, self.event_types), is_csv)
+            if len(frame):
+                yield frame
+
+    def _usable(self, raw: pd.DataFrame, is_csv: bool) -> pd.DataFrame:
+        """The usable rows of one chunk in the window; counts and samples the rest."""
+        user_col, item_col, time_col = self.columns
+        missing = [c for c in self.columns if c not in raw.columns]
+        if missing:
+            raise DataError(
+                f"missing column(s) {missing}; the file has columns {list(raw.columns)}", self.path
+            )
+        reasons = np.full(len(raw), "", dtype=object)  # the first reason each row is unusable
+        ids = {}
+        for col in (user_col, item_col):
+            text = raw[col].astype(str)
+            _note(reasons, (raw[col].isna() | text.str.strip().eq("")).to_numpy(), f"empty {col!r}")
+            ids[col] = text.to_numpy()
+        times, bad, template, self.time_kind = _seconds(raw[time_col], self.time_kind)
+        shown = raw[time_col].astype(str).str.strip().to_numpy()
+        for row in np.flatnonzero(bad & (reasons == "")):
+            reasons[row] = template.format(value=shown[row])
+        usable = reasons == ""
+        for row in np.flatnonzero(~usable)[: SAMPLE_SIZE - len(self.sample)]:
+            self.sample.append(_where(self.path, int(raw.index[row]), is_csv) + reasons[row])
+        self.rows += len(raw)
+        self.skipped += int((~usable).sum())
+        keep = usable & _in_window(times, self.since, self.until)
+        frame = pd.DataFrame(
+            {"user_id": ids[user_col][keep], "item_id": ids[item_col][keep], "timestamp": times[keep]}
+        )
+        for col in ARCHIVE_KEY if self.archive else ():
+            frame[col] = raw[col].to_numpy()[keep]
+        self.kept += len(frame)
+        return frame
+
+    def check(self, max_skipped_fraction: float) -> None:
+        """After reading: raise for a log with no rows, more unusable rows than
+        ``max_skipped_fraction`` of them, or no usable row in the window."""
+        if self.rows == 0:
+            raise DataError(
+                "the archive holds no event in the window" if self.archive else "the file has no rows",
+                self.path,
+            )
+        if self.skipped > max_skipped_fraction * self.rows:
+            raise DataError(
+                f"{self.skipped} of {self.rows} rows ({self.skipped / self.rows:.1%}) are unusable, more "
+                f"than the {max_skipped_fraction:.1%} that may be skipped; the first: "
+                + "; ".join(self.sample),
+                self.path,
+            )
+        if self.kept == 0 and (self.since is not None or self.until is not None):
+            raise DataError("no event in the window (since/until)", self.path)
 
 
 def read_log(
@@ -118,62 +221,42 @@ def read_log(
     left out, not counted as skipped (of an archive, see :func:`read_archive`).
 
     Timestamps may be numbers (kept as they are) or ISO-8601 strings (converted to
-    seconds since the epoch; times without a zone are taken as UTC). Rows that cannot
-    be used are skipped and counted, up to ``max_skipped_fraction`` of the file: one
-    bad row in a nightly export must not stop the retraining, but a file that is
-    mostly bad is not a log.
+    seconds since the epoch; times without a zone are taken as UTC); the first usable
+    row decides which. Rows that cannot be used are skipped and counted, up to
+    ``max_skipped_fraction`` of the file: one bad row in a nightly export must not stop
+    the retraining, but a file that is mostly bad is not a log.
+
+    The whole log is in memory here; ``prepare`` reads it with :class:`LogReader`,
+    chunk by chunk, instead.
 
     Raises:
         DataError: naming the file (and, for bad rows, the CSV line or Parquet row of the
             first few) for a missing file, an unknown extension, an unreadable or empty
             file, missing columns, or more unusable rows than ``max_skipped_fraction``.
     """
-    archive = is_archive(path)
-    path = path if archive else Path(path)
-    raw, is_csv = (read_archive(str(path), since), False) if archive else _read_table(Path(path))
-    raw = only_events(raw, event_types)
-    missing = [c for c in (user_col, item_col, time_col) if c not in raw.columns]
-    if missing:
-        raise DataError(f"missing column(s) {missing}; the file has columns {list(raw.columns)}", path)
-    if len(raw) == 0:
-        raise DataError("the file has no rows", path)
-    raw = raw.reset_index(drop=True)
-    reasons = pd.Series("", index=raw.index)  # the first reason each row is unusable
-    ids = {}
-    for col in (user_col, item_col):
-        text = raw[col].astype(str)
-        _note(reasons, (raw[col].isna() | text.str.strip().eq("")).to_numpy(), f"empty {col!r}")
-        ids[col] = text
-    times, bad, template = _seconds(raw[time_col])
-    shown = raw[time_col].astype(str).str.strip()
-    for row in np.flatnonzero(bad & reasons.eq("").to_numpy()):
-        reasons.iloc[row] = template.format(value=shown.iloc[row])
-    usable = reasons.eq("").to_numpy()
-    sample = [_where(path, row, is_csv) + reasons.iloc[row] for row in np.flatnonzero(~usable)[:SAMPLE_SIZE]]
-    skipped, rows = int((~usable).sum()), len(raw)
-    if skipped > max_skipped_fraction * rows:
-        raise DataError(
-            f"{skipped} of {rows} rows ({skipped / rows:.1%}) are unusable, more than the "
-            f"{max_skipped_fraction:.1%} that may be skipped; the first: " + "; ".join(sample),
-            path,
-        )
-    frame = pd.DataFrame({"user_id": ids[user_col], "item_id": ids[item_col], "timestamp": times})
-    frame = _window(frame[usable], since, until, path)
-    return Log(frame=frame.reset_index(drop=True), rows=rows, skipped=skipped, sample=sample)
+    reader = LogReader(path, (user_col, item_col, time_col), since, until, event_types)
+    frames = list(reader)
+    reader.check(max_skipped_fraction)
+    frame = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["user_id", "item_id", "timestamp"])
+    )
+    if reader.archive:  # an entry stored twice is read once (read_archive)
+        frame = frame[~frame.duplicated(ARCHIVE_KEY)].drop(columns=ARCHIVE_KEY)
+    return Log(
+        frame=frame.reset_index(drop=True), rows=reader.rows, skipped=reader.skipped, sample=reader.sample
+    )
 
 
-def _window(frame: pd.DataFrame, since: float | None, until: float | None, path: str | Path) -> pd.DataFrame:
-    """The rows with ``since <= timestamp < until`` (either bound may be None)."""
-    if since is None and until is None:
-        return frame
-    keep = np.ones(len(frame), dtype=bool)
+def _in_window(times: np.ndarray, since: float | None, until: float | None) -> np.ndarray:
+    """Where ``since <= time < until`` (either bound may be None)."""
+    keep = np.ones(len(times), dtype=bool)
     if since is not None:
-        keep &= (frame["timestamp"] >= since).to_numpy()
+        keep &= times >= since
     if until is not None:
-        keep &= (frame["timestamp"] < until).to_numpy()
-    if not keep.any():
-        raise DataError("no event in the window (since/until)", path)
-    return frame[keep]
+        keep &= times < until
+    return keep
 
 
 SPAN_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -296,10 +379,30 @@ def open_archive(url: str) -> Any:
     return dataset
 
 
+def _archive_chunks(url: str, since: float | None, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """The archive's events and their keys, of the days from ``since``'s on, in batches
+    (rows numbered on across batches); see :func:`read_archive` for the order."""
+    import pyarrow.dataset as ds
+
+    dataset = open_archive(url)
+    where = None
+    if since is not None:
+        where = ds.field("date") >= datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%d")
+    offset = 0
+    with archive_errors(url):
+        for batch in dataset.to_batches(
+            columns=[*ARCHIVE_COLUMNS, *ARCHIVE_KEY], filter=where, batch_size=chunk_rows
+        ):
+            frame = batch.to_pandas()
+            frame.index = pd.RangeIndex(offset, offset + len(frame))
+            offset += len(frame)
+            yield frame
+
+
 def read_archive(url: str, since: float | None = None) -> pd.DataFrame:
-    """The archive's user, item and timestamp columns, of the days from ``since``'s on (a day
-    is when the service received the events: never before their timestamp, unless a
-    client's clock runs ahead).
+    """The archive's user, item, timestamp and event type columns, of the days from ``since``'s
+    on (a day is when the service received the events: never before their timestamp,
+    unless a client's clock runs ahead).
 
     Rows come file by file: day, then stream, then stream id, so each user's events
     keep the order the service took them in. An entry stored twice (a Redis that came
@@ -308,33 +411,27 @@ def read_archive(url: str, since: float | None = None) -> pd.DataFrame:
 
     Raises:
         DataError: no such archive, no Parquet file in it (a folder is read as an
-            event archive), or a file it cannot read.
+            event archive), a file it cannot read, or no event in the window.
     """
-    import pyarrow.dataset as ds
-
-    dataset = open_archive(url)
-    where = None
-    if since is not None:
-        where = ds.field("date") >= datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%d")
-    with archive_errors(url):
-        table = dataset.to_table(columns=[*ARCHIVE_COLUMNS, *ARCHIVE_KEY], filter=where)
-    if table.num_rows == 0:
+    frames = list(_archive_chunks(url, since, CHUNK_ROWS))
+    if not frames or sum(len(f) for f in frames) == 0:
         raise DataError("the archive holds no event in the window", url)
-    frame = table.to_pandas()
+    frame = pd.concat(frames, ignore_index=True)
     return frame[~frame.duplicated(ARCHIVE_KEY)][ARCHIVE_COLUMNS].reset_index(drop=True)
 
 
-def _note(reasons: pd.Series, mask: np.ndarray, reason: str) -> None:
+def _note(reasons: np.ndarray, mask: np.ndarray, reason: str) -> None:
     """Give ``reason`` to the rows in ``mask`` that have none yet."""
-    reasons[mask & reasons.eq("").to_numpy()] = reason
+    reasons[mask & (reasons == "")] = reason
 
 
-def _where(path: Path, row: int, is_csv: bool) -> str:
+def _where(path: str | Path, row: int, is_csv: bool) -> str:
     return f"{path}:{row + 2}: " if is_csv else f"{path}: row {row + 1}: "  # CSV line 1 is the header
 
 
-def _read_table(path: Path) -> tuple[pd.DataFrame, bool]:
-    """The file as a table of strings (CSV) or typed columns (Parquet), and whether it is CSV."""
+def _table_chunks(path: Path, chunk_rows: int) -> tuple[Iterator[pd.DataFrame], bool]:
+    """The file's rows in chunks, as strings (CSV) or typed columns (Parquet), each chunk
+    indexed by its rows' place in the file; and whether it is CSV."""
     if not path.is_file():
         raise DataError("no such file", path)
     suffix = Path(path.name.lower().removesuffix(".gz")).suffix
@@ -343,15 +440,51 @@ def _read_table(path: Path) -> tuple[pd.DataFrame, bool]:
         raise DataError("unknown file type: expected .csv, .tsv, .csv.gz, .tsv.gz, .parquet or .pq", path)
     if path.stat().st_size == 0:
         raise DataError("the file is empty", path)
-    try:
-        if not is_csv:
-            return pd.read_parquet(path), False
-        with warnings.catch_warnings():  # pandas warns (here: raises) when the first row is too long
-            warnings.simplefilter("error", pd.errors.ParserWarning)
-            table = pd.read_csv(
-                path, sep=CSV_SEPARATORS[suffix], dtype=str, keep_default_na=False, index_col=False
+    return (_csv_chunks if is_csv else _parquet_chunks)(path, chunk_rows), is_csv
+
+
+def _csv_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """The CSV's rows as strings, numbered on across chunks (a chunk's index is its rows' place)."""
+    sep = CSV_SEPARATORS[Path(path.name.lower().removesuffix(".gz")).suffix]
+    with _reading(path):
+        with _strict_csv():
+            chunks = pd.read_csv(
+                path, sep=sep, dtype=str, keep_default_na=False, index_col=False, chunksize=chunk_rows
             )
-        return table, True
+        with chunks:
+            while True:
+                with _strict_csv():  # only around pandas' own work: this generator pauses between
+                    chunk = next(chunks, None)
+                if chunk is None:
+                    return
+                yield chunk
+
+
+@contextmanager
+def _strict_csv() -> Iterator[None]:
+    """pandas' warning that the first row is longer than the header, raised."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.ParserWarning)
+        yield
+
+
+def _parquet_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    import pyarrow.parquet as pq
+
+    offset = 0
+    with _reading(path):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
+            frame = batch.to_pandas()
+            frame.index = pd.RangeIndex(offset, offset + len(frame))
+            offset += len(frame)
+            yield frame
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """pandas' and pyarrow's errors while reading ``path``, as a DataError naming it."""
+    try:
+        yield
     except pd.errors.EmptyDataError:
         raise DataError("the file is empty", path) from None
     except pd.errors.ParserWarning:
@@ -360,35 +493,41 @@ def _read_table(path: Path) -> tuple[pd.DataFrame, bool]:
         raise DataError(f"cannot read the file: {e}", path) from None
 
 
-def _seconds(col: pd.Series) -> tuple[pd.Series, np.ndarray, str]:
-    """Timestamps to seconds; returns (values, mask of unusable rows, the reason, with {value}).
+def _seconds(col: pd.Series, kind: str | None = None) -> tuple[np.ndarray, np.ndarray, str, str | None]:
+    """Timestamps to seconds: (values, mask of unusable rows, the reason with {value}, the kind).
 
-    Numbers are kept; strings are numbers or ISO-8601 dates, as the first usable row is.
+    Numbers are kept; strings are numbers or ISO-8601 dates, as ``kind`` says ("number"
+    or "date"), or, while it is None, as the first usable row is.
     """
     if pd.api.types.is_datetime64_any_dtype(col):
         epoch = pd.Timestamp(0, tz="UTC") if col.dt.tz is not None else pd.Timestamp(0)
         col = (col - epoch) / pd.Timedelta(seconds=1)
     if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
         values = col.to_numpy(dtype=float, na_value=np.nan)
-        return pd.Series(values), ~np.isfinite(values), "missing or infinite timestamp {value!r}"
+        return values, ~np.isfinite(values), "missing or infinite timestamp {value!r}", kind
     text = col.astype(str).str.strip()
     numbers = pd.to_numeric(text, errors="coerce").to_numpy(dtype=float)
     from_dates = np.full(len(text), np.nan)
     words = ~np.isfinite(numbers)  # "1000" is a number, never the year 1000
     from_dates[words] = _iso_seconds(text[words])
-    first_number, first_date = _first(np.isfinite(numbers)), _first(np.isfinite(from_dates))
-    if first_number is not None and (
-        first_date is None or first_number <= first_date
-    ):  # the first row decides
+    if kind is None:  # the first usable row decides
+        first_number, first_date = _first(np.isfinite(numbers)), _first(np.isfinite(from_dates))
+        if first_number is not None and (first_date is None or first_number <= first_date):
+            kind = "number"
+        elif first_date is not None:
+            kind = "date"
+    if kind == "number":
         return (
-            pd.Series(numbers),
+            numbers,
             ~np.isfinite(numbers),
             "timestamp {value!r} is not a number, unlike the first row's",
+            kind,
         )
     return (
-        pd.Series(from_dates),
+        from_dates,
         ~np.isfinite(from_dates),
         "timestamp {value!r} is neither a number nor an ISO-8601 date",
+        kind,
     )
 
 
@@ -405,29 +544,6 @@ def _first(mask: np.ndarray) -> int | None:
     return int(np.argmax(mask)) if mask.any() else None
 
 
-def kcore(df: pd.DataFrame, k: int = 5, user_k: int | None = None) -> pd.DataFrame:
-    """Keep only users and items with at least k interactions each, repeated to a fixed point.
-
-    Interactions are rows, so a repeated (user, item) pair counts each time.
-
-    Args:
-        df: with columns ``user_id`` and ``item_id``.
-        k: the fewest interactions an item (and, unless ``user_k`` is given, a user) keeps.
-        user_k: the fewest interactions a user keeps, if different from k.
-
-    Returns:
-        The surviving rows, in their original order, with their original index.
-    """
-    user_k = k if user_k is None else user_k
-    while True:
-        users = df["user_id"].value_counts()
-        items = df["item_id"].value_counts()
-        keep = df["user_id"].isin(users.index[users >= user_k]) & df["item_id"].isin(items.index[items >= k])
-        if keep.all():
-            return df
-        df = df[keep]
-
-
 def prepare(
     log_path: str | Path, out_dir: str | Path, config: PrepareConfig | None = None
 ) -> dict[str, int | str]:
@@ -437,61 +553,67 @@ def prepare(
     Every user left has at least 3 interactions (the leave-one-out split needs them):
     k >= 3 guarantees it, and for smaller k the users with fewer are dropped too
     (again to a fixed point), counted as ``users_dropped_short`` in the summary.
+    The log is read chunk by chunk into an on-disk table (:mod:`event_table`), so
+    memory stays within ``config.memory_gb`` and a chunk, whatever the log's size.
 
     Returns:
         A summary: ``log``, ``k``, ``raw_rows``, ``rows_skipped`` and ``skipped_sample``
-        (where and why, for the first few), ``users_before``, ``items_before``,
-        ``actions_before``, ``users_after``, ``items_after``, ``actions_after``,
-        ``users_dropped_short``.
+        (where and why, for the first few), ``copies_dropped`` (an archive's entries
+        stored twice), ``users_before``, ``items_before``, ``actions_before``,
+        ``users_after``, ``items_after``, ``actions_after``, ``users_dropped_short``.
 
     Raises:
         DataError: for a bad log (see :func:`read_log`) or fewer than ``min_users`` users left.
     """
+    from mqsa.training.event_table import EventTable
+
     config = config or PrepareConfig()
-    k = config.k
     since, until = (
         None if text is None else parse_time(text, name=f"--{name}")
         for name, text in (("since", config.since), ("until", config.until))
     )
     types = frozenset(t.strip() for t in config.event_types.split(",") if t.strip()) or None
     columns = (config.user_col, config.item_col, config.time_col)
-    read = read_log(log_path, *columns, config.max_skipped_fraction, since, until, types)
-    log = read.frame
-    kept = kcore(log, k, user_k=max(k, MIN_LENGTH))
-    dropped_short = 0 if k >= MIN_LENGTH else kcore(log, k)["user_id"].nunique() - kept["user_id"].nunique()
-    num_users = kept["user_id"].nunique()
-    if num_users < config.min_users:
-        raise DataError(
-            f"too few users left after {k}-core filtering: {num_users} (need at least {config.min_users})",
-            log_path,
-        )
-    sequences, user_ids, item_ids = _sequences(kept, num_users)
-    out_dir = Path(out_dir)
-    write_sequences(out_dir / "sequences.txt", sequences)
-    write_json_atomic(out_dir / "users.json", {"format": 1, "user_ids": [str(u) for u in user_ids]})
-    Vocabulary(str(i) for i in item_ids).save(out_dir / "items.json")
+    reader = LogReader(log_path, columns, since, until, types)
+    with EventTable(config.memory_gb, config.temp_dir or None) as table:
+        for frame in reader:
+            table.append(frame)
+        reader.check(config.max_skipped_fraction)
+        copies = table.number()
+        before = table.counts()
+        after, dropped_short = _kcore(table, config.k)
+        if after.users < config.min_users:
+            raise DataError(
+                f"too few users left after {config.k}-core filtering: {after.users} "
+                f"(need at least {config.min_users})",
+                log_path,
+            )
+        user_ids, item_ids = table.write(Path(out_dir) / "sequences.txt")
+    write_json_atomic(Path(out_dir) / "users.json", {"format": 1, "user_ids": user_ids})
+    Vocabulary(item_ids).save(Path(out_dir) / "items.json")
+    read = {"log": str(log_path), "k": config.k, "raw_rows": reader.rows, "rows_skipped": reader.skipped}
     return {
-        "log": str(log_path),
-        "k": k,
-        "raw_rows": read.rows,
-        "rows_skipped": read.skipped,
+        **read,
         "window": {"since": since, "until": until},
-        "skipped_sample": read.sample,
-        "users_before": log["user_id"].nunique(),
-        "items_before": log["item_id"].nunique(),
-        "actions_before": len(log),
-        "users_after": num_users,
-        "items_after": len(item_ids),
-        "actions_after": len(kept),
+        "skipped_sample": reader.sample,
+        "copies_dropped": copies,
+        **{f"{name}_before": value for name, value in vars(before).items()},
+        **{f"{name}_after": value for name, value in vars(after).items()},
         "users_dropped_short": dropped_short,
     }
 
 
-def _sequences(kept: pd.DataFrame, num_users: int) -> tuple[list[np.ndarray], pd.Index, pd.Index]:
-    """Per user (in order of first row), item indices by time; and the user and item ids by index."""
-    user_codes, user_ids = pd.factorize(kept["user_id"])  # order of first row in the file
-    kept = kept.assign(user=user_codes)
-    kept = kept.sort_values("timestamp", kind="stable").sort_values("user", kind="stable")
-    item_codes, item_ids = pd.factorize(kept["item_id"])
-    bounds = np.cumsum(np.bincount(kept["user"].to_numpy(), minlength=num_users))[:-1]
-    return np.split(item_codes.astype(np.int64), bounds), user_ids, item_ids
+def _kcore(table: Any, k: int) -> tuple[Any, int]:
+    """Filter ``table`` to the k-core whose users also have at least MIN_LENGTH events.
+
+    Returns:
+        The counts left, and the users the split's minimum dropped beyond the k-core.
+    """
+    if k >= MIN_LENGTH:
+        table.kcore(k, k)
+        return table.counts(), 0
+    table.kcore(k, k)  # the k-core first: the stricter core lies inside it, so going on from it is exact
+    in_core = table.counts().users
+    table.kcore(k, MIN_LENGTH)
+    after = table.counts()
+    return after, in_core - after.users

@@ -446,6 +446,14 @@ def test_an_entry_stored_twice_is_read_once(redis_url, key_prefix, tmp_path):
     )  # overlapping
     assert len(rows_in(tmp_path / "a")) == 10
     assert len(read_log(tmp_path / "a").frame) == 6
+    from mqsa.training.event_table import EventTable
+    from mqsa.training.prepare import LogReader
+
+    with EventTable() as table:  # what `mqsa data prepare` does with the archive
+        for frame in LogReader(tmp_path / "a"):
+            table.append(frame)
+        assert table.number() == 4  # copies dropped
+        assert table.counts().actions == 6
 
 
 def test_bad_archiver_settings_are_one_line_errors(redis_url, key_prefix, tmp_path, capsys):

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from mqsa.errors import DataError
-from mqsa.training.prepare import PrepareConfig, kcore, prepare, read_log
+from mqsa.training.event_table import EventTable
+from mqsa.training.prepare import PrepareConfig, prepare, read_log
 from mqsa.training.sequences import read_sequences
 from mqsa.training.vocabulary import Vocabulary
 
@@ -35,17 +36,48 @@ def outputs(out_dir) -> tuple[list[list[str]], list[str]]:
     return [[vocab.item_ids[i] for i in s] for s in data.sequences], users["user_ids"]
 
 
+def kcore(log: pd.DataFrame, k: int, user_k: int | None = None) -> pd.DataFrame:
+    """The rows of ``log`` the event table keeps, in file order (a frame with a ``row`` column)."""
+    with EventTable(memory_gb=0.25) as table:
+        table.append(log)
+        table.number()
+        table.kcore(k, k if user_k is None else user_k)
+        rows = np.array([r for (r,) in table._run("SELECT row FROM events ORDER BY row")], dtype=int)
+    return log.iloc[rows]
+
+
 def test_kcore_iterates_to_fixed_point() -> None:
     kept = kcore(cascade_log(), k=3)
     assert sorted(kept["user_id"].unique()) == ["A", "B", "C"]
     assert sorted(kept["item_id"].unique()) == ["x", "y", "z"]
     assert len(kept) == 9
-    assert kept.index.is_monotonic_increasing  # file order kept
 
 
 def test_kcore_k1_keeps_everything() -> None:
     log = cascade_log()
     assert len(kcore(log, k=1)) == len(log)
+
+
+def test_kcore_matches_a_pandas_filter_on_a_random_log() -> None:
+    """The SQL rounds reach the fixed point a plain pandas filter reaches, row for row."""
+    rng = np.random.default_rng(3)
+    log = pd.DataFrame(
+        {
+            "user_id": rng.zipf(1.6, 4000).astype(str),
+            "item_id": rng.zipf(1.4, 4000).astype(str),
+            "timestamp": np.arange(4000.0),
+        }
+    )
+    expected = log
+    while True:
+        users, items = expected["user_id"].value_counts(), expected["item_id"].value_counts()
+        keep = expected["user_id"].map(users).ge(4) & expected["item_id"].map(items).ge(3)
+        if keep.all():
+            break
+        expected = expected[keep]
+    kept = kcore(log, k=3, user_k=4)
+    assert 0 < len(kept) < len(log)
+    assert kept.index.tolist() == expected.index.tolist()
 
 
 def test_prepare_orders_by_time_stably(tmp_path) -> None:
@@ -102,6 +134,7 @@ def test_prepare_formats_and_cascade(tmp_path, name: str) -> None:
         "rows_skipped": 0,
         "window": {"since": None, "until": None},
         "skipped_sample": [],
+        "copies_dropped": 0,
         "users_before": 5,
         "items_before": 4,
         "actions_before": 15,
@@ -271,3 +304,51 @@ def test_parse_time_refuses_times_outside_the_calendar(text) -> None:
 
     with pytest.raises(ConfigError, match=r"--since .* is not a time between the years 1 and 9999"):
         parse_time(text, name="--since")
+
+
+def test_chunked_reading_names_the_true_line_and_keeps_the_first_rows_time_kind(
+    tmp_path, monkeypatch
+) -> None:
+    """Read two rows at a time: a bad row in a later chunk is named by its line in the file,
+    and a date after numbers is still 'not a number' (the first usable row decides, not
+    the first row of its chunk)."""
+    rows = [f"u{u},i{t},{10 * u + t}" for u in range(3) for t in range(3)]
+    rows[6] = "u2,i0,2023-01-01"
+    path = write_csv(tmp_path / "log.csv", HEADER + "\n".join(rows) + "\n")
+    monkeypatch.setattr("mqsa.training.prepare.CHUNK_ROWS", 2)
+    log = read_log(path, max_skipped_fraction=0.2)
+    assert log.rows == 9 and log.skipped == 1
+    assert log.sample == [f"{path}:8: timestamp '2023-01-01' is not a number, unlike the first row's"]
+    assert log.frame["timestamp"].tolist() == [0, 1, 2, 10, 11, 12, 21, 22]
+
+
+def test_prepare_in_small_chunks_and_little_memory_writes_the_same_files(tmp_path, monkeypatch) -> None:
+    """A log read 1,000 rows at a time into an event table held to 128 MB (so DuckDB spills)
+    gives byte for byte the files of one read in one chunk."""
+    rng = np.random.default_rng(1)
+    n = 60_000
+    log = pd.DataFrame(
+        {
+            "user_id": rng.integers(0, 3000, n).astype(str),
+            "item_id": (rng.zipf(1.5, n) % 900).astype(str),
+            "timestamp": rng.integers(0, 50, n),  # many ties: file order decides them
+        }
+    )
+    log.to_parquet(tmp_path / "log.parquet")
+    prepare(tmp_path / "log.parquet", tmp_path / "whole", PrepareConfig(k=4))
+    monkeypatch.setattr("mqsa.training.prepare.CHUNK_ROWS", 1000)
+    summary = prepare(
+        tmp_path / "log.parquet",
+        tmp_path / "small",
+        PrepareConfig(k=4, memory_gb=0.125, temp_dir=str(tmp_path)),
+    )
+    for name in ("sequences.txt", "items.json", "users.json"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "small" / name).read_bytes()
+    sequences, users = outputs(tmp_path / "small")
+    assert summary["actions_after"] == sum(map(len, sequences)) and len(users) == summary["users_after"]
+    kept_items = set().union(*sequences)
+    by_time = log.reset_index().sort_values(["timestamp", "index"], kind="stable")  # ties: file order
+    for user, items in zip(users[:50], sequences[:50], strict=True):
+        rows = by_time[by_time["user_id"] == user]["item_id"]
+        assert items == [i for i in rows if i in kept_items]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("mqsa-prepare-")] == []  # cleaned up
