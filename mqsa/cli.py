@@ -2,6 +2,7 @@
 
     mqsa data prepare LOG --out DIR [--k 5 ...]
     mqsa data synth --out DIR [--users 2000 --items 500 ... --raw-log]
+    mqsa data synth-log --preset S1|S2|S3 --out FILE.parquet [one flag per ScaleLogConfig field]
     mqsa data stats PATH
     mqsa data export-events --out FILE
     mqsa events archive --to URL [--once]
@@ -58,6 +59,16 @@ def _data_synth(args: argparse.Namespace) -> None:
 
     path = write_synthetic(args.out, SynthConfig(**flags.values(args, SynthConfig)), raw_log=args.raw_log)
     print(f"wrote {path}")
+
+
+def _data_synth_log(args: argparse.Namespace) -> None:
+    from mqsa.training.scale_log import ScaleLogConfig, write_scale_log
+
+    summary = write_scale_log(args.out, ScaleLogConfig(**flags.values(args, ScaleLogConfig)))
+    print(
+        f"wrote {summary['path']}: {summary['rows']} rows, {summary['users']} users, "
+        f"{summary['items']} items, {summary['row_groups']} row groups, {summary['seconds']:.1f}s"
+    )
 
 
 def _data_stats(args: argparse.Namespace) -> None:
@@ -122,10 +133,30 @@ def _with_settings_file(argv: list[str], path: str) -> argparse.Namespace:
     from mqsa.training.settings_file import read_settings_file
 
     values = read_settings_file(path)
-    parser = build_parser(argv[:2])
-    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     as_parsed = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}  # nargs gives lists
-    subcommands.choices["train"].set_defaults(**as_parsed)
+    return _parsed_with_defaults(argv, ("train",), as_parsed)
+
+
+def _with_preset(argv: list[str], preset: str) -> argparse.Namespace:
+    """``mqsa data synth-log``'s arguments again, with the preset's values as the flags' defaults."""
+    import dataclasses
+
+    from mqsa.training.scale_log import PRESETS
+
+    return _parsed_with_defaults(argv, ("data", "synth-log"), dataclasses.asdict(PRESETS[preset]))
+
+
+def _parsed_with_defaults(argv: list[str], words: Sequence[str], defaults: dict) -> argparse.Namespace:
+    """``argv`` parsed again with ``defaults`` for the flags of the subcommand ``words`` names.
+
+    A flag given on the command line still wins over its new default.
+    """
+    parser = build_parser(argv[:2])
+    command: argparse.ArgumentParser = parser
+    for word in words:
+        subcommands = next(a for a in command._actions if isinstance(a, argparse._SubParsersAction))
+        command = subcommands.choices[word]
+    command.set_defaults(**defaults)
     return parser.parse_args(argv)
 
 
@@ -370,6 +401,21 @@ def _add_data(sub: argparse._SubParsersAction, full: Callable[..., bool]) -> Non
 
         flags.add_flags(p, SynthConfig)
     p.set_defaults(func=_data_synth)
+    p = data_sub.add_parser(
+        "synth-log", help="a large seeded Zipf log (Parquet) for `data prepare`: presets S1, S2, S3"
+    )
+    p.add_argument("--out", required=True, help="Parquet file to write")
+    p.add_argument(
+        "--preset",
+        choices=("S1", "S2", "S3"),
+        default="S1",
+        help="the settings' defaults (sizes in docs/scaling.md); flags given override them (default: S1)",
+    )
+    if full("data", "synth-log"):  # numpy and pyarrow: only for this subcommand
+        from mqsa.training.scale_log import ScaleLogConfig
+
+        flags.add_flags(p, ScaleLogConfig)
+    p.set_defaults(func=_data_synth_log)
     p = data_sub.add_parser("export-events", help="the service's event stream in Redis -> raw log CSV")
     p.add_argument("--out", required=True, help="CSV file to write")
     _add_redis_flags(p)
@@ -634,6 +680,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train" and args.config:
             args = _with_settings_file(argv, args.config)
+        if args.command == "data" and args.data_command == "synth-log":
+            args = _with_preset(argv, args.preset)
         args.func(args)
     except MQSAError as exc:
         print(f"mqsa: error: {exc}", file=sys.stderr)
