@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch import nn
 
 from mqsa.errors import ConfigError, DataError, ResumeError
 from mqsa.models.mqsa import MQSA, MQSAConfig
@@ -237,6 +238,34 @@ class TrainingData:
         )
 
 
+class Objective(nn.Module):
+    """One batch's loss, ``mqsa_loss`` or ``sampled_mqsa_loss``, as a module around the model.
+
+    The loss uses the model beyond its ``forward`` (one call per length group, the blend,
+    the item table, the TED students, the L2 penalty over every parameter), so a
+    distributed run wraps this module, not the model, in DistributedDataParallel: one
+    ``forward`` per step covers all of it, and every parameter of the model gets a
+    gradient in every step (``World.wrap``).
+    """
+
+    def __init__(
+        self,
+        model: MQSA,
+        teacher: TEDTeacher | None,
+        settings: LossSettings,
+        sampler: NegativeSampler | None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.teacher, self.settings, self.sampler = teacher, settings, sampler
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, LossValues]:
+        """(B, T') inputs and targets -> the differentiable total loss and its parts."""
+        if self.sampler is None:
+            return mqsa_loss(self.model, inputs, targets, self.teacher, self.settings)
+        return sampled_mqsa_loss(self.model, inputs, targets, self.teacher, self.settings, self.sampler)
+
+
 class StopTraining(Exception):
     """Raised by an ``on_epoch`` callback to end the run after the epoch it was called for.
 
@@ -342,6 +371,8 @@ class Trainer:
             counts, k = self.data.item_counts, config.negatives
             self.sampler = NegativeSampler.from_counts(counts, k, config.in_batch_negatives).to(self.device)
         self.model = MQSA(self.model_config).to(self.device)
+        objective = Objective(self.model, self.teacher, self.loss_settings, self.sampler)
+        self.objective = self.world.wrap(objective, self.device)  # the training step's one call
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=config.lr, betas=(0.9, config.adam_beta2)
         )
@@ -464,15 +495,9 @@ class Trainer:
     def _train_step(self, rows: np.ndarray) -> LossValues:
         """Forward, backward (gradients averaged over processes) and one Adam step on a batch."""
         inputs, targets = self.data.examples.batch(self.world.shard(rows), self.device)
-        if self.sampler is None:
-            loss, values = mqsa_loss(self.model, inputs, targets, self.teacher, self.loss_settings)
-        else:
-            loss, values = sampled_mqsa_loss(
-                self.model, inputs, targets, self.teacher, self.loss_settings, self.sampler
-            )
+        loss, values = self.objective(inputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.world.average_gradients(self.model)
+        loss.backward()  # distributed: DDP averages the gradients over the processes meanwhile
         self.optimizer.step()
         return values
 

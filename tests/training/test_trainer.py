@@ -164,6 +164,55 @@ def test_two_processes_end_with_identical_weights(synthetic_data, tmp_path) -> N
     assert metrics["test"]["NDCG@10"] > 2 * metrics["baselines"]["Popularity"]["test"]["NDCG@10"]
 
 
+def run_cli_train(data: Path, out: Path, flags: list[str], processes: int) -> dict:
+    """``mqsa train`` in a subprocess, under torchrun with ``processes`` CPU processes if > 1."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable]
+    if processes > 1:
+        cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    cmd += ["-m", "mqsa.cli", "train", "--data", str(data), "--out", str(out), "--threads", "1", "--quiet"]
+    result = subprocess.run(cmd + flags, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "loss", [["--loss", "exact"], ["--loss", "sampled", "--negatives", "16"]], ids=["exact", "sampled"]
+)
+def test_two_processes_take_the_full_batch_step(loss: list[str], tmp_path) -> None:
+    """DDP averages the gradient of every parameter: where the mean of the two shards' gradients
+    is the full batch's (every row the same number of real positions and items, shards of equal
+    size, no dropout), 2 processes end where 1 process does, to float rounding. The learned alpha
+    is a parameter used outside the model's forward (the blend), TED uses the item table, and
+    the L2 penalty every parameter."""
+    rng = np.random.default_rng(3)
+    data = tmp_path / "equal.txt"
+    write_sequences(data, [rng.permutation(40)[:14] for _ in range(64)])  # 9 real positions a row
+    flags = ["--epochs", "2", "--batch-size", "16", "--max-len", "10", "--hidden-size", "16"]
+    flags += ["--dropout", "0", "--learn-alpha", "--lambda-kd", "0.5", *loss]
+    one = run_cli_train(data, tmp_path / "one", flags, processes=1)
+    two = run_cli_train(data, tmp_path / "two", flags, processes=2)
+    sums = two["distributed"]["replica_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]
+    assert one["distributed"]["world_size"] == 1
+    single = torch.load(tmp_path / "one" / "last.pt", weights_only=False)["model"]
+    parallel = torch.load(tmp_path / "two" / "last.pt", weights_only=False)["model"]
+    assert list(parallel) == list(single)  # the model's own names, no DDP "module." prefix
+    assert Checkpoint.load(tmp_path / "two" / "best.pt").state_dict.keys() == single.keys()
+    for name, value in single.items():
+        torch.testing.assert_close(parallel[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_one_process_trains_the_objective_unwrapped() -> None:
+    """Without torchrun the step calls its objective directly: no DistributedDataParallel."""
+    from mqsa.training.distributed import World
+
+    module = torch.nn.Linear(2, 2)
+    assert World().wrap(module, torch.device("cpu")) is module
+
+
 def spy_evaluations(monkeypatch) -> list[int]:
     """Record the number of users of every model evaluation the trainer runs."""
     from mqsa.training import trainer as trainer_module
