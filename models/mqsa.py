@@ -263,6 +263,19 @@ class MQSA(nn.Module):
         """(N, D) the real items' embeddings (the padding row left out): the table scores use."""
         return self.item_emb.weight[: self.config.num_items]
 
+    def item_rows(self, item_idx: torch.Tensor) -> torch.Tensor:
+        """(...) item indices -> (..., D) their rows of the item table, unscaled; with sparse
+        item gradients on (:meth:`use_sparse_item_gradients`) only the rows used get a
+        gradient (for losses that touch a few items of a large catalogue, where
+        ``item_embeddings()[idx]`` gives every call an (N, D) gradient)."""
+        return F.embedding(item_idx, self.item_emb.weight, sparse=self.item_emb.sparse)
+
+    def use_sparse_item_gradients(self, enabled: bool = True) -> None:
+        """Give the item lookups (the input layer's and :meth:`item_rows`) a sparse gradient,
+        the rows used, instead of a dense (N, D) one per call. The optimizer then needs the
+        table's summed gradient made dense where nothing dense was added to it."""
+        self.item_emb.sparse = enabled
+
     def embed_items(self, item_idx: torch.Tensor) -> torch.Tensor:
         """(...) item indices -> (..., D) embeddings scaled by sqrt(D), as the input layer scales them."""
         return self.item_emb(item_idx) * math.sqrt(self.config.hidden_size)

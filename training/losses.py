@@ -191,6 +191,29 @@ class TEDTeacher:
         """
         return self.shared[:, None] * table.sum(0) + _SparseProduct.apply(table, self.delta, self.delta_t)
 
+    def expected_rows(
+        self, items: torch.Tensor, model: MQSA, total: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(K,) item indices -> (K, D) their rows of :meth:`expected_embeddings`, at a cost that
+        grows with those items' transitions rather than with the catalogue.
+
+        shared_i * sum_j E_j + sum over row i of delta of delta[i, j] * E_j, the second
+        gathered from the CSR rows of the batch's distinct items only; every table row is
+        read through ``model.item_rows`` (a sparse gradient). Equal to
+        ``expected_embeddings(model.item_embeddings())[items]`` up to float rounding.
+        ``total``: (D,) sum_j E_j, if the caller made it (its gradient is dense).
+        """
+        unique, inverse = torch.unique(items, return_inverse=True)  # (U,), (K,)
+        crow, col, val = self.delta.crow_indices(), self.delta.col_indices(), self.delta.values()
+        starts, lengths = crow[unique], crow[unique + 1] - crow[unique]  # (U,) each
+        segment = torch.repeat_interleave(torch.arange(len(unique), device=items.device), lengths)  # (E,)
+        first = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)  # (E,)
+        entries = starts[segment] + torch.arange(len(segment), device=items.device) - first  # (E,)
+        weighted = val[entries, None] * model.item_rows(col[entries])  # (E, D)
+        total = model.item_embeddings().sum(0) if total is None else total  # (D,)
+        spread = torch.zeros(len(unique), total.shape[0], dtype=weighted.dtype, device=items.device)
+        return (self.shared[unique, None] * total + spread.index_add(0, segment, weighted))[inverse]
+
 
 def ted_linear_term(
     student: torch.Tensor, items: torch.Tensor, table: torch.Tensor, teacher: TEDTeacher, tau: float

@@ -56,14 +56,14 @@ candidates (its term is exact and cheap: O(nnz) through the sparse teacher).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from mqsa.errors import ConfigError
 from mqsa.models.mqsa import MQSA
-from mqsa.training.losses import LossSettings, LossValues, TEDTeacher, ted_linear_term
+from mqsa.training.losses import LossSettings, LossValues, TEDTeacher
 
 SAMPLER_POWER = 0.75  # q(j) proportional to (count_j + 1)^0.75
 
@@ -132,7 +132,7 @@ class NegativeSampler:
 
 def sampled_logsumexp(
     queries: torch.Tensor,
-    table: torch.Tensor,
+    table: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
     positives: torch.Tensor,
     candidates: Candidates,
     dtype: torch.dtype = torch.float32,
@@ -141,7 +141,8 @@ def sampled_logsumexp(
 
     Args:
         queries: (R, D) the rows' query vectors.
-        table: (N, D) the item embeddings.
+        table: (N, D) the item embeddings, or a function from item indices to their rows
+            (``model.item_rows``: only the rows read get a gradient).
         positives: (R,) each row's positive item, kept exactly.
         candidates: the batch's C candidates with their logQ correction.
         dtype: dtype of the (R, C) product (float32 or bfloat16); the
@@ -150,8 +151,9 @@ def sampled_logsumexp(
     Returns:
         (R,) log Z_hat and (R,) positive logits, both differentiable.
     """
-    positive_logits = (queries * table[positives]).sum(-1)  # (R,)
-    cand = table[candidates.items]  # (C, D)
+    rows = table.__getitem__ if isinstance(table, torch.Tensor) else table
+    positive_logits = (queries * rows(positives)).sum(-1)  # (R,)
+    cand = rows(candidates.items)  # (C, D)
     logits = (queries.to(dtype) @ cand.to(dtype).T).float()  # (R, C)
     logits = logits - candidates.log_expected[None, :]  # logQ correction
     hits = candidates.items[None, :] == positives[:, None]  # (R, C) accidental hits
@@ -183,28 +185,35 @@ def sampled_mqsa_loss(
         The differentiable total loss and its parts as floats (``rec`` and ``kd``
         are the sampled estimates, not the exact losses).
     """
+    ted = teacher is not None and settings.lambda_kd > 0
+    # Every item row is read through item_rows (with sparse item gradients on: the rows
+    # used), so only two terms give the table a dense (N, D) gradient: the L2 penalty and
+    # TED's uniform share (sum_j E_j). They are made first, so autograd runs their
+    # backward last, after the sparse row gradients were summed among themselves: the
+    # table's gradient is then made dense once (a dense one first would be copied at
+    # every sparse one that follows: 0.5 s a step at 300,000 items).
+    penalty = None
+    if settings.l2 > 0:
+        penalty = 0.5 * settings.l2 * sum(p.pow(2).sum() for p in model.parameters() if p.requires_grad)
+    total = model.item_embeddings().sum(0) if ted else None  # (D,)
     z, target_items = model.real_position_queries(inputs, targets)  # (P, D), (P,)
-    table = model.item_embeddings()  # (N, D)
     if candidates is None:
         candidates = sampler.draw(target_items)
-    lse, rec_linear = sampled_logsumexp(z, table, target_items, candidates, settings.dtype)  # (P,) each
+    rows = model.item_rows
+    lse, rec_linear = sampled_logsumexp(z, rows, target_items, candidates, settings.dtype)  # (P,) each
     rec = (lse - rec_linear).mean()
-    loss = rec
+    loss = rec if penalty is None else rec + penalty
     kd_value = 0.0
-    if teacher is not None and settings.lambda_kd > 0:
+    if ted:
         pad = model.config.padding_idx
         real = inputs != pad  # (B, T')
         items, followers = inputs[real], targets[real]  # (K,) occurrences and the item after each
         followers = torch.where(followers == pad, items, followers)  # none after: any item will do
         student = model.student_vectors(items) / settings.tau  # (K, D)
-        kd_lse, _ = sampled_logsumexp(student, table, followers, candidates, settings.dtype)  # (K,)
-        kd_linear = ted_linear_term(student * settings.tau, items, table, teacher, settings.tau)  # (K,)
-        kd = (kd_lse - kd_linear).mean()
+        kd_lse, _ = sampled_logsumexp(student, rows, followers, candidates, settings.dtype)  # (K,)
+        expected = teacher.expected_rows(items, model, total)  # (K, D)
+        kd = (kd_lse - (student * expected).sum(-1)).mean()  # ted_linear_term's linear part
         loss = loss + settings.lambda_kd * kd
         kd_value = kd.item()
-    l2_value = 0.0
-    if settings.l2 > 0:
-        penalty = 0.5 * settings.l2 * sum(p.pow(2).sum() for p in model.parameters() if p.requires_grad)
-        loss = loss + penalty
-        l2_value = penalty.item()
+    l2_value = 0.0 if penalty is None else penalty.item()
     return loss, LossValues(total=loss.item(), rec=rec.item(), kd=kd_value, l2=l2_value)

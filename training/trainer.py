@@ -365,17 +365,7 @@ class Trainer:
         sample_seed = int(np.random.SeedSequence([config.seed, 1]).generate_state(1)[0])
         self.valid_set = sample_eval_set(self.data.eval_sets["valid"], config.valid_sample, sample_seed)
         self.selection = "best_valid"  # or "last_epoch" when no validation ran (``_final_evaluation``)
-        self.loss_settings = config.loss_settings()
-        self.sampler: NegativeSampler | None = None  # None: the exact loss
-        if config.loss == "sampled":
-            counts, k = self.data.item_counts, config.negatives
-            self.sampler = NegativeSampler.from_counts(counts, k, config.in_batch_negatives).to(self.device)
-        self.model = MQSA(self.model_config).to(self.device)
-        objective = Objective(self.model, self.teacher, self.loss_settings, self.sampler)
-        self.objective = self.world.wrap(objective, self.device)  # the training step's one call
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=config.lr, betas=(0.9, config.adam_beta2)
-        )
+        self._build_model(config)
         self.best = BestEpoch()
         self.best_state = copy.deepcopy(self.model.state_dict())
         self.history: list[dict[str, float]] = []
@@ -492,12 +482,34 @@ class Trainer:
             "l2": mean[3],
         }
 
+    def _build_model(self, config: TrainConfig) -> None:
+        """The loss's settings and sampler, the model, the step's objective and the optimizer."""
+        self.loss_settings = config.loss_settings()
+        self.sampler: NegativeSampler | None = None  # None: the exact loss
+        if config.loss == "sampled":
+            counts, k = self.data.item_counts, config.negatives
+            self.sampler = NegativeSampler.from_counts(counts, k, config.in_batch_negatives).to(self.device)
+        self.model = MQSA(self.model_config).to(self.device)
+        objective = Objective(self.model, self.teacher, self.loss_settings, self.sampler)
+        self.objective = self.world.wrap(objective, self.device)  # the training step's one call
+        if self.sampler is not None and (config.l2 > 0 or not self.world.distributed):
+            # Only the rows a batch uses get a gradient. Under DDP (which expects the dense
+            # gradient the table had when wrapped) only with the L2 penalty, whose dense
+            # part keeps the summed gradient dense.
+            self.model.use_sparse_item_gradients()
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=config.lr, betas=(0.9, config.adam_beta2)
+        )
+
     def _train_step(self, rows: np.ndarray) -> LossValues:
         """Forward, backward (gradients averaged over processes) and one Adam step on a batch."""
         inputs, targets = self.data.examples.batch(self.world.shard(rows), self.device)
         loss, values = self.objective(inputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # distributed: DDP averages the gradients over the processes meanwhile
+        for p in self.model.parameters():
+            if p.grad is not None and p.grad.is_sparse:  # sparse item lookups and nothing dense
+                p.grad = p.grad.to_dense()
         self.optimizer.step()
         return values
 

@@ -19,7 +19,7 @@ from mqsa.training.evaluation import (
     popularity_scorer,
     sample_eval_set,
     target_ranks,
-    transition_chunk_scorer,
+    transition_ranks,
     transition_scorer,
 )
 from mqsa.training.sequences import split_leave_one_out
@@ -129,19 +129,24 @@ def test_chunked_ranks_equal_the_dense_ranks_with_ties(item_chunk: int) -> None:
     assert chunked.tolist() == expected.tolist()
 
 
-def test_chunked_scorers_rank_like_the_dense_ones() -> None:
-    """Item Transition chunk by chunk and Popularity without scoring: the dense scorers' ranks."""
-    gen = np.random.default_rng(1)
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_baselines_rank_without_scoring_like_the_dense_scorers(seed: int) -> None:
+    """Item Transition and Popularity without a scoring pass: the dense scorers' ranks, ties,
+    targets in their own history and last items with no successor included."""
+    gen = np.random.default_rng(seed)
     n = 30
     train = [gen.integers(0, n, size=gen.integers(2, 15)) for _ in range(80)]
+    train = [np.where(t == n - 1, 0, t) for t in train]
+    train[0] = np.append(train[0], n - 1)  # n - 1 occurs once, last: no successor
     graph = TransitionGraph.from_sequences(train, n)
     counts = popularity(train, n)
     es = EvalSet(inputs=train, targets=gen.integers(0, n, size=80), history=train)
     targets = torch.from_numpy(es.targets)
     dense = transition_scorer(graph, counts)(es.inputs)
     expected = target_ranks(dense, targets, es.history)
-    chunks = transition_chunk_scorer(graph, counts)(es.inputs)
-    assert chunked_target_ranks(chunks, targets, es.history, 7).tolist() == expected.tolist()
+    assert graph.row(n - 1)[0].size == 0  # user 0's last item has no successor
+    assert any(t in h for t, h in zip(es.targets, es.history, strict=True))
+    assert transition_ranks(graph, counts, es).tolist() == expected.tolist()
     expected = target_ranks(popularity_scorer(counts)(es.inputs), targets, es.history)
     assert popularity_ranks(counts, es).tolist() == expected.tolist()
 

@@ -173,11 +173,15 @@ def test_sampler_refuses_bad_arguments() -> None:
         NegativeSampler.from_counts([1, -2], negatives=3)
 
 
-def test_two_epochs_with_the_sampled_loss_from_the_command_line(synthetic_data, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("plain", [False, True], ids=["ted-and-l2", "no-ted-no-l2-all-sparse-gradients"])
+def test_two_epochs_with_the_sampled_loss_from_the_command_line(
+    synthetic_data, tmp_path, plain: bool
+) -> None:
     out = tmp_path / "run"
     argv = ["train", "--data", str(synthetic_data), "--out", str(out), "--quiet", "--device", "cpu"]
     argv += ["--epochs", "2", "--batch-size", "128", "--seed", "7", "--max-len", "20", "--hidden-size", "32"]
     argv += ["--loss", "sampled", "--negatives", "64", "--in-batch-negatives"]
+    argv += ["--lambda-kd", "0", "--l2", "0"] if plain else []
     assert cli.main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_config"]["loss"] == "sampled" and metrics["train_config"]["negatives"] == 64
@@ -186,3 +190,41 @@ def test_two_epochs_with_the_sampled_loss_from_the_command_line(synthetic_data, 
     assert values and all(math.isfinite(v) for v in values)
     popular = metrics["baselines"]["Popularity"]["test"]
     assert metrics["test"]["NDCG@10"] > popular["NDCG@10"]  # it learned something
+
+
+def test_expected_rows_are_the_teachers_full_product_at_the_batchs_items() -> None:
+    """TED's teacher-weighted means for a batch's items only (repeats, an item without
+    transitions) equal the full N-row product's rows, values and gradients."""
+    model, _, _, teacher, _ = tiny_setup()
+    items = torch.tensor([3, 0, 3, N - 1, 7, 0])
+    weights = torch.randn(len(items), model.config.hidden_size)
+    full = teacher.expected_embeddings(model.item_embeddings())[items]
+    (full * weights).sum().backward()
+    expected_grad = model.item_emb.weight.grad.clone()
+    model.zero_grad()
+    model.use_sparse_item_gradients()
+    rows = teacher.expected_rows(items, model)
+    (rows * weights).sum().backward()
+    assert torch.allclose(rows, full, atol=1e-6)
+    assert torch.allclose(model.item_emb.weight.grad.to_dense(), expected_grad, atol=1e-6)
+
+
+@pytest.mark.parametrize(("lambda_kd", "l2"), [(0.1, 1e-4), (0.0, 0.0)])
+def test_sparse_item_gradients_change_nothing_but_the_cost(lambda_kd: float, l2: float) -> None:
+    """The sampled loss with the table's gradient kept to the rows a batch uses: the same loss
+    and, made dense, the same gradient as with dense lookups (and sparse when nothing dense
+    is added: no L2, no TED)."""
+    s = settings(lambda_kd=lambda_kd, l2=l2)
+    candidates = Candidates(torch.tensor([1, 4, 4, 9, 2]), torch.log(torch.tensor([0.5, 1.5, 1.5, 0.7, 1.0])))
+    results = []
+    for sparse in (False, True):
+        model, inputs, targets, teacher, counts = tiny_setup()
+        model.use_sparse_item_gradients(sparse)
+        sampler = NegativeSampler.from_counts(counts, 5)
+        loss, _ = sampled_mqsa_loss(model, inputs, targets, teacher, s, sampler, candidates)
+        loss.backward()
+        grad = model.item_emb.weight.grad
+        assert grad.is_sparse == (sparse and l2 == 0 and lambda_kd == 0)
+        results.append((loss.detach(), grad.to_dense()))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)

@@ -1,0 +1,98 @@
+"""One training step's time against the catalogue size, exact and sampled losses.
+
+    python bench/sampled_step.py --items 12101 50000 300000 1000000 [--threads 1]
+
+For each N: a model of N items (d = 64, the paper's settings), a random transition
+graph of ``--transitions`` successors per item (TED's teacher), Zipf item counts for
+the sampler, and batches of 256 users whose lengths follow S2's (mean ~10 items,
+T' up to 50). Times forward + backward + Adam over ``--steps`` steps after one warm-up
+step, for ``--loss exact`` (skipped above ``--exact-max`` items: it grows as N) and
+``--loss sampled`` (K = 1024). Prints a markdown table; docs/scaling.md keeps the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from mqsa.models.mqsa import MQSA, MQSAConfig
+from mqsa.training.losses import LossSettings, TEDTeacher, mqsa_loss
+from mqsa.training.sampled_loss import NegativeSampler, sampled_mqsa_loss
+from mqsa.training.transitions import TransitionGraph
+
+
+def batch(rng: np.random.Generator, n: int, users: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T') left-padded inputs and targets, lengths ~ 2 + geometric(mean 8), items Zipf-ish."""
+    lengths = np.minimum(2 + rng.geometric(1 / 8, users), max_len + 1)
+    width = int(lengths.max()) - 1
+    inputs = np.full((users, width), n, dtype=np.int64)
+    targets = np.full((users, width), n, dtype=np.int64)
+    for u, length in enumerate(lengths):
+        seq = np.minimum(rng.zipf(1.2, length) - 1, n - 1)
+        inputs[u, width - length + 1 :] = seq[:-1]
+        targets[u, width - length + 1 :] = seq[1:]
+    return torch.from_numpy(inputs), torch.from_numpy(targets)
+
+
+def teacher(rng: np.random.Generator, n: int, per_item: int) -> TEDTeacher:
+    """A graph with ``per_item`` random successors per item, as a TED teacher (tau 0.1)."""
+    src = np.repeat(np.arange(n), per_item)
+    dst = rng.integers(0, n, n * per_item)
+    keys = np.unique(src * n + dst)
+    rows, cols = np.divmod(keys, n)
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))])
+    graph = TransitionGraph(num_items=n, indptr=indptr, indices=cols, counts=np.ones(len(cols), np.float32))
+    return TEDTeacher.from_graph(graph, 0.1)
+
+
+def time_steps(n: int, loss: str, args: argparse.Namespace) -> float:
+    """Mean CPU seconds of this process per step (forward, backward, Adam) over ``args.steps``
+    steps: steadier than wall time on a shared machine; with one thread, about the wall time."""
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    model = MQSA(MQSAConfig(num_items=n))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    settings = LossSettings(lambda_kd=0.1, tau=0.1, l2=1e-4, chunk=256, dtype=torch.float32)
+    ted = teacher(rng, n, args.transitions)
+    counts = np.minimum(rng.zipf(1.2, n), 10**6)
+    sampler = NegativeSampler.from_counts(counts, 1024)
+    if loss == "sampled" and hasattr(model, "use_sparse_item_gradients"):  # as the trainer does
+        model.use_sparse_item_gradients()
+    batches = [batch(rng, n, 256, 50) for _ in range(args.steps + 1)]
+    seconds = []
+    for inputs, targets in batches:
+        start = time.process_time()
+        if loss == "exact":
+            value, _ = mqsa_loss(model, inputs, targets, ted, settings)
+        else:
+            value, _ = sampled_mqsa_loss(model, inputs, targets, ted, settings, sampler)
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        for p in model.parameters():
+            if p.grad is not None and p.grad.is_sparse:
+                p.grad = p.grad.to_dense()
+        optimizer.step()
+        seconds.append(time.process_time() - start)
+    return float(np.mean(seconds[1:]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, nargs="+", default=[12101, 50000, 300000, 1000000])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--transitions", type=int, default=30)
+    parser.add_argument("--exact-max", type=int, default=300000)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print("| items N | exact, CPU s/step | sampled, CPU s/step |\n|---|---|---|")
+    for n in args.items:
+        exact = f"{time_steps(n, 'exact', args):.3f}" if n <= args.exact_max else "not run"
+        print(f"| {n:,} | {exact} | {time_steps(n, 'sampled', args):.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
