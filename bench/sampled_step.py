@@ -54,12 +54,13 @@ def time_steps(n: int, loss: str, args: argparse.Namespace) -> float:
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     model = MQSA(MQSAConfig(num_items=n))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    settings = LossSettings(lambda_kd=0.1, tau=0.1, l2=1e-4, chunk=256, dtype=torch.float32)
+    sampled = loss == "sampled"  # as the trainer sets it up: L2's gradient in Adam, sparse lookups
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4 if sampled else 0.0)
+    settings = LossSettings(0.1, 0.1, 1e-4, 256, torch.float32, l2_in_optimizer=sampled)
     ted = teacher(rng, n, args.transitions)
     counts = np.minimum(rng.zipf(1.2, n), 10**6)
     sampler = NegativeSampler.from_counts(counts, 1024)
-    if loss == "sampled" and hasattr(model, "use_sparse_item_gradients"):  # as the trainer does
+    if sampled:
         model.use_sparse_item_gradients()
     batches = [batch(rng, n, 256, 50) for _ in range(args.steps + 1)]
     seconds = []

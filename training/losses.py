@@ -246,6 +246,10 @@ class LossSettings:
         l2: weight of the explicit penalty sum ||w||^2 / 2.
         chunk: rows per chunk of the fused softmax.
         dtype: dtype of the N-way products (float32, or bfloat16).
+        l2_in_optimizer: the penalty's gradient, l2 * w, is the optimizer's to add (Adam's
+            ``weight_decay``, the same gradient) rather than the graph's; the loss still
+            reports the penalty's value (the sampled loss: one dense (N, D) term less in
+            its backward pass).
     """
 
     lambda_kd: float
@@ -253,6 +257,7 @@ class LossSettings:
     l2: float
     chunk: int
     dtype: torch.dtype
+    l2_in_optimizer: bool = False
 
 
 @dataclass

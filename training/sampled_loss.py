@@ -170,7 +170,9 @@ def sampled_mqsa_loss(
     sampler: NegativeSampler,
     candidates: Candidates | None = None,
 ) -> tuple[torch.Tensor, LossValues]:
-    """L = L_rec_hat + lambda_kd * L_kd_hat + l2 * sum ||w||^2 / 2, as ``mqsa_loss`` returns it.
+    """L = L_rec_hat + lambda_kd * L_kd_hat + l2 * sum ||w||^2 / 2, as ``mqsa_loss`` returns it
+    (with ``settings.l2_in_optimizer`` the penalty is in L's value but not in its graph: the
+    optimizer adds its gradient l2 * w, as Adam's ``weight_decay`` does).
 
     Args:
         model: the network (the same three methods ``mqsa_loss`` uses).
@@ -187,14 +189,16 @@ def sampled_mqsa_loss(
     """
     ted = teacher is not None and settings.lambda_kd > 0
     # Every item row is read through item_rows (with sparse item gradients on: the rows
-    # used), so only two terms give the table a dense (N, D) gradient: the L2 penalty and
-    # TED's uniform share (sum_j E_j). They are made first, so autograd runs their
-    # backward last, after the sparse row gradients were summed among themselves: the
-    # table's gradient is then made dense once (a dense one first would be copied at
-    # every sparse one that follows: 0.5 s a step at 300,000 items).
+    # used), so only two terms give the table a dense (N, D) gradient: the L2 penalty
+    # (unless the optimizer adds it: settings.l2_in_optimizer) and TED's uniform share
+    # (sum_j E_j). They are made first, so autograd runs their backward last, after the
+    # sparse row gradients were summed among themselves: the table's gradient is then
+    # made dense once (a dense one first would be copied at every sparse one that
+    # follows: 0.5 s a step at 300,000 items).
     penalty = None
     if settings.l2 > 0:
-        penalty = 0.5 * settings.l2 * sum(p.pow(2).sum() for p in model.parameters() if p.requires_grad)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not settings.l2_in_optimizer):
+            penalty = 0.5 * settings.l2 * sum(p.pow(2).sum() for p in model.parameters() if p.requires_grad)
     total = model.item_embeddings().sum(0) if ted else None  # (D,)
     z, target_items = model.real_position_queries(inputs, targets)  # (P, D), (P,)
     if candidates is None:
@@ -202,7 +206,7 @@ def sampled_mqsa_loss(
     rows = model.item_rows
     lse, rec_linear = sampled_logsumexp(z, rows, target_items, candidates, settings.dtype)  # (P,) each
     rec = (lse - rec_linear).mean()
-    loss = rec if penalty is None else rec + penalty
+    loss = rec if penalty is None else rec + penalty  # a constant when the optimizer adds its gradient
     kd_value = 0.0
     if ted:
         pad = model.config.padding_idx

@@ -157,7 +157,14 @@ class TrainConfig:
     def loss_settings(self) -> LossSettings:
         """The objective's settings, as the loss takes them."""
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        return LossSettings(lambda_kd=self.lambda_kd, tau=self.tau, l2=self.l2, chunk=self.chunk, dtype=dtype)
+        return LossSettings(
+            lambda_kd=self.lambda_kd,
+            tau=self.tau,
+            l2=self.l2,
+            chunk=self.chunk,
+            dtype=dtype,
+            l2_in_optimizer=self.loss == "sampled",  # the sampled loss's dense terms kept few
+        )
 
 
 @dataclass
@@ -492,13 +499,14 @@ class Trainer:
         self.model = MQSA(self.model_config).to(self.device)
         objective = Objective(self.model, self.teacher, self.loss_settings, self.sampler)
         self.objective = self.world.wrap(objective, self.device)  # the training step's one call
-        if self.sampler is not None and (config.l2 > 0 or not self.world.distributed):
+        if self.sampler is not None and (self.teacher is not None or not self.world.distributed):
             # Only the rows a batch uses get a gradient. Under DDP (which expects the dense
-            # gradient the table had when wrapped) only with the L2 penalty, whose dense
-            # part keeps the summed gradient dense.
+            # gradient the table had when wrapped) only with TED, whose uniform share keeps
+            # the summed gradient dense.
             self.model.use_sparse_item_gradients()
+        decay = config.l2 if self.loss_settings.l2_in_optimizer else 0.0  # the penalty's gradient
         self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=config.lr, betas=(0.9, config.adam_beta2)
+            self.model.parameters(), lr=config.lr, betas=(0.9, config.adam_beta2), weight_decay=decay
         )
 
     def _train_step(self, rows: np.ndarray) -> LossValues:

@@ -228,3 +228,25 @@ def test_sparse_item_gradients_change_nothing_but_the_cost(lambda_kd: float, l2:
         results.append((loss.detach(), grad.to_dense()))
     assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+
+
+def test_l2_left_to_the_optimizer_is_the_same_loss_and_the_same_gradient() -> None:
+    """With the penalty's gradient left to the optimizer (the trainer's Adam weight_decay for
+    the sampled loss), the value is unchanged and gradient + l2 * w is the in-graph gradient."""
+    candidates = Candidates(torch.tensor([1, 4, 9, 2]), torch.zeros(4))
+    out = []
+    for in_optimizer in (False, True):
+        s = LossSettings(
+            lambda_kd=0.1, tau=0.1, l2=1e-2, chunk=256, dtype=torch.float32, l2_in_optimizer=in_optimizer
+        )
+        model, inputs, targets, teacher, counts = tiny_setup()
+        loss, values = sampled_mqsa_loss(
+            model, inputs, targets, teacher, s, NegativeSampler.from_counts(counts, 4), candidates
+        )
+        loss.backward()
+        grad = model.item_emb.weight.grad + (1e-2 * model.item_emb.weight.detach() if in_optimizer else 0.0)
+        out.append((loss.item(), values.l2, grad))
+    assert out[0][0] == pytest.approx(out[1][0]) and out[0][1] == pytest.approx(out[1][1]) and out[0][1] > 0
+    assert torch.allclose(out[0][2], out[1][2], atol=1e-6)
+    config = TrainConfig(loss="sampled", l2=3e-4)
+    assert config.loss_settings().l2_in_optimizer and not TrainConfig().loss_settings().l2_in_optimizer
