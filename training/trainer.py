@@ -419,7 +419,10 @@ class Trainer:
         defaults = {"train_config": asdict(TrainConfig()), "model_config": MQSAConfig(num_items=1).to_dict()}
         state = load_run_state(self.out_dir / "last.pt", self._fingerprint(), defaults)
         self.model.load_state_dict(state.model)
+        decay = self.optimizer.param_groups[0]["weight_decay"]
         self.optimizer.load_state_dict(state.optimizer)
+        for group in self.optimizer.param_groups:  # a run saved before the sampled loss's L2 moved into Adam
+            group["weight_decay"] = decay
         restore_rng(state, self.rng)
         self.history, self.best, self.best_state, self.stale = (
             state.history,
