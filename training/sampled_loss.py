@@ -190,8 +190,8 @@ def sampled_mqsa_loss(
     ted = teacher is not None and settings.lambda_kd > 0
     # Every item row is read through item_rows (with sparse item gradients on: the rows
     # used), so only two terms give the table a dense (N, D) gradient: the L2 penalty
-    # (unless the optimizer adds it: settings.l2_in_optimizer) and TED's uniform share
-    # (sum_j E_j). They are made first, so autograd runs their backward last, after the
+    # (unless the optimizer adds it: settings.l2_in_optimizer) and TED's teacher means
+    # (their uniform share, sum_j E_j). They are made first, so autograd runs their backward last, after the
     # sparse row gradients were summed among themselves: the table's gradient is then
     # made dense once (a dense one first would be copied at every sparse one that
     # follows: 0.5 s a step at 300,000 items).
@@ -199,7 +199,12 @@ def sampled_mqsa_loss(
     if settings.l2 > 0:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not settings.l2_in_optimizer):
             penalty = 0.5 * settings.l2 * sum(p.pow(2).sum() for p in model.parameters() if p.requires_grad)
-    total = model.item_embeddings().sum(0) if ted else None  # (D,)
+    if ted:  # TED's teacher means come first too: their gradient may be dense (the full product)
+        pad = model.config.padding_idx
+        real = inputs != pad  # (B, T')
+        items, followers = inputs[real], targets[real]  # (K,) occurrences and the item after each
+        followers = torch.where(followers == pad, items, followers)  # none after: any item will do
+        expected = teacher.expected_rows(items, model, model.item_embeddings().sum(0))  # (K, D)
     z, target_items = model.real_position_queries(inputs, targets)  # (P, D), (P,)
     if candidates is None:
         candidates = sampler.draw(target_items)
@@ -209,13 +214,8 @@ def sampled_mqsa_loss(
     loss = rec if penalty is None else rec + penalty  # a constant when the optimizer adds its gradient
     kd_value = 0.0
     if ted:
-        pad = model.config.padding_idx
-        real = inputs != pad  # (B, T')
-        items, followers = inputs[real], targets[real]  # (K,) occurrences and the item after each
-        followers = torch.where(followers == pad, items, followers)  # none after: any item will do
         student = model.student_vectors(items) / settings.tau  # (K, D)
         kd_lse, _ = sampled_logsumexp(student, rows, followers, candidates, settings.dtype)  # (K,)
-        expected = teacher.expected_rows(items, model, total)  # (K, D)
         kd = (kd_lse - (student * expected).sum(-1)).mean()  # ted_linear_term's linear part
         loss = loss + settings.lambda_kd * kd
         kd_value = kd.item()

@@ -63,6 +63,14 @@ from mqsa.training.transitions import TransitionGraph
 from mqsa.training.vocabulary import Vocabulary, vocabulary_for
 from mqsa.training.warm_start import load_warm_start_checkpoint, warm_start
 
+# `--loss auto` trains with the sampled loss above this many items. Measured on one thread
+# of the 2-core Intel Xeon (bench/sampled_step.py, docs/scaling.md "Sampled softmax"): an
+# exact step grows as N (0.34 s at 12,101 items, 1.9 s at 50,000, ~4 s at 100,000) while
+# a sampled one stays near 0.2 s to 10^5 items; on Beauty the sampled loss cost 7% of the
+# test NDCG@10. Past 10^5 items an exact epoch of 10^5 users takes ~25 minutes and a run
+# days, which no accuracy gain pays for on a CPU; below it the paper's loss is affordable.
+SAMPLED_ABOVE = 100_000
+
 
 @dataclass
 class TrainConfig:
@@ -98,9 +106,10 @@ class TrainConfig:
         precision: fp32, or bf16 for the N-way products.
         threads: CPU threads for torch (0 = torch's default).
         chunk: rows per chunk of the fused softmax.
-        loss: exact (both softmaxes over all N items, the paper's) or sampled (over
+        loss: exact (both softmaxes over all N items, the paper's), sampled (over
             a positive plus sampled negatives with logQ correction, for large
-            catalogues; docs/scaling.md).
+            catalogues; docs/scaling.md), or auto: exact up to SAMPLED_ABOVE items
+            (100,000), sampled above, where an exact step costs seconds on a CPU.
         negatives: K, negatives drawn per batch for the sampled loss, shared by its
             rows, from (training count + 1)^0.75. 1024 keeps the sampled product
             (rows x K) under a tenth of the exact one (rows x N) from N = 10^4 items up
@@ -130,7 +139,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     threads: int = 0
     chunk: int = 256
-    loss: Literal["exact", "sampled"] = "exact"
+    loss: Literal["auto", "exact", "sampled"] = "auto"
     negatives: int = 1024
     in_batch_negatives: bool = False
     init_from: str | None = None
@@ -151,11 +160,17 @@ class TrainConfig:
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
-        if self.loss not in ("exact", "sampled"):
-            raise ConfigError(f"loss must be exact or sampled, got {self.loss!r}")
+        if self.loss not in ("auto", "exact", "sampled"):
+            raise ConfigError(f"loss must be auto, exact or sampled, got {self.loss!r}")
 
-    def loss_settings(self) -> LossSettings:
-        """The objective's settings, as the loss takes them."""
+    def objective(self, num_items: int) -> Literal["exact", "sampled"]:
+        """The loss a run on ``num_items`` items trains with (``auto`` resolved)."""
+        if self.loss != "auto":
+            return self.loss
+        return "sampled" if num_items > SAMPLED_ABOVE else "exact"
+
+    def loss_settings(self, num_items: int = 0) -> LossSettings:
+        """The objective's settings, as the loss takes them, for a catalogue of ``num_items``."""
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         return LossSettings(
             lambda_kd=self.lambda_kd,
@@ -163,7 +178,7 @@ class TrainConfig:
             l2=self.l2,
             chunk=self.chunk,
             dtype=dtype,
-            l2_in_optimizer=self.loss == "sampled",  # the sampled loss's dense terms kept few
+            l2_in_optimizer=self.objective(num_items) == "sampled",  # the sampled loss's dense terms kept few
         )
 
 
@@ -416,7 +431,10 @@ class Trainer:
         """Load ``last.pt``: weights, optimiser, generators and the loop's records. Returns its epoch."""
         if self.world.distributed:
             raise ResumeError("resume runs on one process only: each rank's dropout generator differs")
-        defaults = {"train_config": asdict(TrainConfig()), "model_config": MQSAConfig(num_items=1).to_dict()}
+        defaults = {
+            "train_config": {**asdict(TrainConfig()), "loss": "exact"},  # a state from before --loss: exact
+            "model_config": MQSAConfig(num_items=1).to_dict(),
+        }
         state = load_run_state(self.out_dir / "last.pt", self._fingerprint(), defaults)
         self.model.load_state_dict(state.model)
         decay = self.optimizer.param_groups[0]["weight_decay"]
@@ -494,9 +512,9 @@ class Trainer:
 
     def _build_model(self, config: TrainConfig) -> None:
         """The loss's settings and sampler, the model, the step's objective and the optimizer."""
-        self.loss_settings = config.loss_settings()
+        self.loss_settings = config.loss_settings(self.model_config.num_items)
         self.sampler: NegativeSampler | None = None  # None: the exact loss
-        if config.loss == "sampled":
+        if config.objective(self.model_config.num_items) == "sampled":
             counts, k = self.data.item_counts, config.negatives
             self.sampler = NegativeSampler.from_counts(counts, k, config.in_batch_negatives).to(self.device)
         self.model = MQSA(self.model_config).to(self.device)
@@ -615,8 +633,10 @@ class Trainer:
 
     def _fingerprint(self) -> dict[str, Any]:
         """What a resumed run must share with the stopped one (``training.run_state``)."""
+        train_config = asdict(self.config)
+        train_config["loss"] = self.config.objective(self.model_config.num_items)  # auto, resolved
         return {
-            "train_config": asdict(self.config),
+            "train_config": train_config,
             "model_config": self.model_config.to_dict(),
             "data": {"sha256": self.data.info["sha256"]},
         }
@@ -629,6 +649,7 @@ class Trainer:
             "data": self.data.info,
             "model_config": self.model_config.to_dict(),
             "train_config": asdict(self.config),
+            "objective": self.config.objective(self.model_config.num_items),  # --loss auto resolved
             "device": str(self.device),
             "device_name": device_name(self.device),
             "epochs_run": len(self.history),

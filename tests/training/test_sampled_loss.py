@@ -157,7 +157,7 @@ def test_sampler_draws_k_shared_negatives_and_the_batch_targets() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"loss": "full"}, "loss must be exact or sampled, got 'full'"),
+        ({"loss": "full"}, "loss must be auto, exact or sampled, got 'full'"),
         ({"negatives": 0}, "negatives must be >= 1, got 0"),
     ],
 )
@@ -185,6 +185,7 @@ def test_two_epochs_with_the_sampled_loss_from_the_command_line(
     assert cli.main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_config"]["loss"] == "sampled" and metrics["train_config"]["negatives"] == 64
+    assert metrics["objective"] == "sampled"
     assert metrics["epochs_run"] == 2
     values = list(metrics["valid"].values()) + list(metrics["test"].values())
     assert values and all(math.isfinite(v) for v in values)
@@ -192,9 +193,12 @@ def test_two_epochs_with_the_sampled_loss_from_the_command_line(
     assert metrics["test"]["NDCG@10"] > popular["NDCG@10"]  # it learned something
 
 
-def test_expected_rows_are_the_teachers_full_product_at_the_batchs_items() -> None:
+@pytest.mark.parametrize("share", [0, 10**6], ids=["gathered-rows", "full-product"])
+def test_expected_rows_are_the_teachers_full_product_at_the_batchs_items(share: int, monkeypatch) -> None:
     """TED's teacher-weighted means for a batch's items only (repeats, an item without
-    transitions) equal the full N-row product's rows, values and gradients."""
+    transitions) equal the full N-row product's rows, values and gradients, whether the
+    batch's rows are gathered or the full product is taken."""
+    monkeypatch.setattr("mqsa.training.losses.ROWS_SHARE", share)
     model, _, _, teacher, _ = tiny_setup()
     items = torch.tensor([3, 0, 3, N - 1, 7, 0])
     weights = torch.randn(len(items), model.config.hidden_size)
@@ -249,4 +253,19 @@ def test_l2_left_to_the_optimizer_is_the_same_loss_and_the_same_gradient() -> No
     assert out[0][0] == pytest.approx(out[1][0]) and out[0][1] == pytest.approx(out[1][1]) and out[0][1] > 0
     assert torch.allclose(out[0][2], out[1][2], atol=1e-6)
     config = TrainConfig(loss="sampled", l2=3e-4)
-    assert config.loss_settings().l2_in_optimizer and not TrainConfig().loss_settings().l2_in_optimizer
+    assert (
+        config.loss_settings().l2_in_optimizer
+        and not TrainConfig(loss="exact").loss_settings().l2_in_optimizer
+    )
+
+
+def test_loss_auto_is_exact_up_to_the_threshold_and_sampled_above() -> None:
+    from mqsa.training.trainer import SAMPLED_ABOVE
+
+    auto = TrainConfig()
+    assert auto.loss == "auto"
+    assert auto.objective(12_101) == "exact" and auto.objective(SAMPLED_ABOVE) == "exact"
+    assert auto.objective(SAMPLED_ABOVE + 1) == "sampled"
+    assert auto.loss_settings(SAMPLED_ABOVE + 1).l2_in_optimizer
+    assert TrainConfig(loss="exact").objective(10**7) == "exact"
+    assert TrainConfig(loss="sampled").objective(10) == "sampled"
