@@ -60,7 +60,8 @@ class EventTable:
     def __init__(self, memory_gb: float = 4.0, temp_dir: str | None = None) -> None:
         import duckdb
 
-        self.folder = Path(tempfile.mkdtemp(prefix="mqsa-prepare-", dir=temp_dir or None))
+        with writing(temp_dir or tempfile.gettempdir()):  # no such folder, no permission: a DataError
+            self.folder = Path(tempfile.mkdtemp(prefix="mqsa-prepare-", dir=temp_dir or None))
         self.db = duckdb.connect(str(self.folder / "events.duckdb"))
         self._run(f"SET memory_limit = '{int(memory_gb * 1024)}MB'")
         self._run(f"SET temp_directory = '{self.folder / 'spill'}'")

@@ -352,3 +352,10 @@ def test_prepare_in_small_chunks_and_little_memory_writes_the_same_files(tmp_pat
         rows = by_time[by_time["user_id"] == user]["item_id"]
         assert items == [i for i in rows if i in kept_items]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("mqsa-prepare-")] == []  # cleaned up
+
+
+def test_a_temporary_folder_that_cannot_be_written_is_named(tmp_path) -> None:
+    cascade_log().to_csv(tmp_path / "log.csv", index=False)
+    missing = tmp_path / "no" / "such"
+    with pytest.raises(DataError, match=r"cannot write here"):
+        prepare(tmp_path / "log.csv", tmp_path / "out", PrepareConfig(k=3, temp_dir=str(missing)))
