@@ -89,5 +89,8 @@ class World:
         return gathered
 
     def close(self) -> None:
+        """Leave the process group once every rank is done with it (a rank that tore it down
+        while another still used it aborted: 'terminate called without an active exception')."""
         if self.distributed and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()

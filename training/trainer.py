@@ -592,7 +592,8 @@ class Trainer:
         replica_checksums = self.world.checksums(self.model)  # every process's final weights
         self._final_evaluation()
         self.model.load_state_dict(self.best_state)
-        self.world.close()
+        self.objective = self.objective.module if self.world.distributed else self.objective
+        self.world.close()  # after the DDP wrapper is gone: it must not outlive its process group
         metrics = self._metrics(replica_checksums)
         if not self.world.is_main:
             return metrics
