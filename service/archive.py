@@ -34,7 +34,7 @@ again, and archives the rest.
 That is exactly once across crashes of the archiver. A Redis that comes back with
 older state (an AOF ``everysec`` restart, a failover to a lagging replica) may deliver
 entries again that a file already holds; readers drop such copies by
-``(stream, stream_id)`` (``training/prepare.py``, ``read_archive``).
+``(stream, stream_id)`` (``training/prepare.py``, ``read_log``; ``training/event_table.py``).
 
 The service trims nothing while ``MQSA_STREAM_ARCHIVE`` is on (``service/store.py``):
 only the archiver removes entries, and only acknowledged ones. If the archiver falls

@@ -293,17 +293,7 @@ def popularity_ranks(counts: np.ndarray, eval_set: EvalSet) -> np.ndarray:
     own history scores -inf and is outranked by every item not in the history.
     The same ranks as ranking :func:`popularity_scorer`'s scores, in O(N log N + history).
     """
-    scores = counts.astype(np.float32)  # the scorer's values, compared alike
-    ordered = np.sort(scores)
-    ranks = np.empty(len(eval_set), dtype=np.int64)
-    for u, (target, history) in enumerate(zip(eval_set.targets, eval_set.history, strict=True)):
-        seen = np.unique(history)
-        if np.any(seen == target):
-            ranks[u] = len(scores) - len(seen)
-            continue
-        above = len(ordered) - np.searchsorted(ordered, scores[target], side="right")
-        ranks[u] = above - int(np.count_nonzero(scores[seen] > scores[target]))
-    return ranks
+    return _ranks_without_scoring(counts.astype(np.float32), None, eval_set)  # the scorer's values
 
 
 def transition_ranks(graph: TransitionGraph, counts: np.ndarray, eval_set: EvalSet) -> np.ndarray:
@@ -311,31 +301,42 @@ def transition_ranks(graph: TransitionGraph, counts: np.ndarray, eval_set: EvalS
 
     Its scores (:func:`transition_scorer`) are the popularity tie-break everywhere plus
     the transition counts on the last input item's row, a few entries. So a target's
-    rank is the number of items whose tie-break beats its score (one sorted vector),
-    corrected on the row's entries (counted at their real score instead) and less the
-    (distinct) history items that beat it; a target in its own history scores -inf and
-    is outranked by every item not in the history. The same float32 sums and the same
-    ranks as ranking the scorer's scores, in O(N log N) once and O(row + history) a user.
+    rank is counted as Popularity's is, with the row's entries at their real score.
+    The same float32 sums and the same ranks as ranking the scorer's scores, in
+    O(N log N) once and O(row + history) a user.
     """
     tiebreak = (counts / (counts.max() + 1.0)).astype(np.float32)  # the scorer's values
-    ordered = np.sort(tiebreak)
+    return _ranks_without_scoring(tiebreak, graph, eval_set)
+
+
+def _ranks_without_scoring(base: np.ndarray, graph: TransitionGraph | None, eval_set: EvalSet) -> np.ndarray:
+    """Ranks under scores that are ``base`` (N,) float32 for every user, plus, with a graph,
+    the transition counts on the row of the user's last input item.
+
+    A target's rank is the number of items whose base score beats its score (one sorted
+    vector), corrected on the row's entries (counted at their real score instead), less
+    the (distinct) history items that beat it; a target in its own history scores -inf and
+    is outranked by every item not in the history.
+    """
+    ordered = np.sort(base)
+    no_row = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32))
     ranks = np.empty(len(eval_set), dtype=np.int64)
     for u, (inputs, target, history) in enumerate(
         zip(eval_set.inputs, eval_set.targets, eval_set.history, strict=True)
     ):
         seen = np.unique(history)
         if np.any(seen == target):
-            ranks[u] = len(tiebreak) - len(seen)
+            ranks[u] = len(base) - len(seen)
             continue
-        cols, vals = graph.row(int(inputs[-1]))  # columns sorted
-        row_scores = tiebreak[cols] + vals  # (row,) float32
+        cols, vals = no_row if graph is None else graph.row(int(inputs[-1]))  # columns sorted
+        row_scores = base[cols] + vals  # (row,) float32
         where = np.searchsorted(cols, target)
         hit = where < len(cols) and cols[min(where, len(cols) - 1)] == target
-        score = row_scores[where] if hit else tiebreak[target]
+        score = row_scores[where] if hit else base[target]
         above = len(ordered) - np.searchsorted(ordered, score, side="right")
-        above += int(np.count_nonzero(row_scores > score)) - int(np.count_nonzero(tiebreak[cols] > score))
+        above += int(np.count_nonzero(row_scores > score)) - int(np.count_nonzero(base[cols] > score))
         at = np.minimum(np.searchsorted(cols, seen), max(len(cols) - 1, 0))
-        seen_scores = tiebreak[seen]
+        seen_scores = base[seen]
         in_row = cols[at] == seen if len(cols) else np.zeros(len(seen), dtype=bool)
         seen_scores[in_row] = row_scores[at[in_row]]
         ranks[u] = above - int(np.count_nonzero(seen_scores > score))

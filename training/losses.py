@@ -112,12 +112,12 @@ class _SparseProduct(torch.autograd.Function):
         return ctx.matrix_t @ grad.contiguous(), None, None
 
 
-_CSR_BETA = "Sparse CSR tensor support is in beta"
+_CSR_BETA = "Sparse CSR tensor support is in beta"  # torch's warning on every CSR tensor made
 # TEDTeacher.expected_rows gathers a batch's rows while they hold under 1/4 of the teacher's
 # entries; past that the (E, D) gathered rows cost more than the whole sparse product.
 # Measured on S2 (3.5M entries, a batch's rows 0.65M of them, one thread): 0.46 s gathered
 # against 0.51 s for the product, forward and backward: about even near 1/4.
-ROWS_SHARE = 4  # torch's warning on every CSR tensor made
+ROWS_SHARE = 4
 
 
 def _csr(crow: np.ndarray, col: np.ndarray, values: np.ndarray, n: int) -> torch.Tensor:
@@ -188,13 +188,15 @@ class TEDTeacher:
             parts = (self.delta, self.delta_t, self.shared)
             return TEDTeacher(*(t.to(device=device, dtype=dtype) for t in parts))
 
-    def expected_embeddings(self, table: torch.Tensor) -> torch.Tensor:
+    def expected_embeddings(self, table: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
         """(N, D) sum_j t_i[j] * table_j for every item i: the teacher-weighted item mean.
 
         Computed as shared_i * sum_j table_j + (delta @ table)_i: one sparse
-        product, differentiable with respect to ``table``.
+        product, differentiable with respect to ``table``. ``total``: (D,) sum_j table_j,
+        if the caller made it.
         """
-        return self.shared[:, None] * table.sum(0) + _SparseProduct.apply(table, self.delta, self.delta_t)
+        total = table.sum(0) if total is None else total
+        return self.shared[:, None] * total + _SparseProduct.apply(table, self.delta, self.delta_t)
 
     def expected_rows(
         self, items: torch.Tensor, model: MQSA, total: torch.Tensor | None = None
@@ -214,7 +216,7 @@ class TEDTeacher:
         crow, col, val = self.delta.crow_indices(), self.delta.col_indices(), self.delta.values()
         starts, lengths = crow[unique], crow[unique + 1] - crow[unique]  # (U,) each
         if int(lengths.sum()) * ROWS_SHARE > len(val):  # popular items' long rows: the product is cheaper
-            return self.expected_embeddings(model.item_embeddings())[items]
+            return self.expected_embeddings(model.item_embeddings(), total)[items]
         segment = torch.repeat_interleave(torch.arange(len(unique), device=items.device), lengths)  # (E,)
         first = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)  # (E,)
         entries = starts[segment] + torch.arange(len(segment), device=items.device) - first  # (E,)

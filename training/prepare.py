@@ -218,7 +218,7 @@ def read_log(
     ``.pq``) or an event archive (a folder or fsspec URL written by ``mqsa events archive``).
 
     ``since``/``until`` (seconds) keep the rows in ``[since, until)``; the others are
-    left out, not counted as skipped (of an archive, see :func:`read_archive`).
+    left out, not counted as skipped (of an archive, only the days from ``since``'s are read).
 
     Timestamps may be numbers (kept as they are) or ISO-8601 strings (converted to
     seconds since the epoch; times without a zone are taken as UTC); the first usable
@@ -242,7 +242,7 @@ def read_log(
         if frames
         else pd.DataFrame(columns=["user_id", "item_id", "timestamp"])
     )
-    if reader.archive:  # an entry stored twice is read once (read_archive)
+    if reader.archive:  # an entry stored twice is read once (_archive_chunks)
         frame = frame[~frame.duplicated(ARCHIVE_KEY)].drop(columns=ARCHIVE_KEY)
     return Log(
         frame=frame.reset_index(drop=True), rows=reader.rows, skipped=reader.skipped, sample=reader.sample
@@ -380,8 +380,16 @@ def open_archive(url: str) -> Any:
 
 
 def _archive_chunks(url: str, since: float | None, chunk_rows: int) -> Iterator[pd.DataFrame]:
-    """The archive's events and their keys, of the days from ``since``'s on, in batches
-    (rows numbered on across batches); see :func:`read_archive` for the order."""
+    """The archive's events and their keys (``stream``, ``stream_id``), of the days from
+    ``since``'s on, in batches, rows numbered on across batches. A day is when the
+    service received the events: never before their timestamp, unless a client's clock
+    runs ahead.
+
+    Rows come file by file: day, then stream, then stream id, so each user's events
+    keep the order the service took them in. An entry stored twice (a Redis that came
+    back with older state delivered it again) comes twice; its copies share their key,
+    and the readers keep the first (:func:`read_log`, ``EventTable.number``).
+    """
     import pyarrow.dataset as ds
 
     dataset = open_archive(url)
@@ -397,27 +405,6 @@ def _archive_chunks(url: str, since: float | None, chunk_rows: int) -> Iterator[
             frame.index = pd.RangeIndex(offset, offset + len(frame))
             offset += len(frame)
             yield frame
-
-
-def read_archive(url: str, since: float | None = None) -> pd.DataFrame:
-    """The archive's user, item, timestamp and event type columns, of the days from ``since``'s
-    on (a day is when the service received the events: never before their timestamp,
-    unless a client's clock runs ahead).
-
-    Rows come file by file: day, then stream, then stream id, so each user's events
-    keep the order the service took them in. An entry stored twice (a Redis that came
-    back with older state delivered it again) is read once: copies share their
-    ``(stream, stream_id)``.
-
-    Raises:
-        DataError: no such archive, no Parquet file in it (a folder is read as an
-            event archive), a file it cannot read, or no event in the window.
-    """
-    frames = list(_archive_chunks(url, since, CHUNK_ROWS))
-    if not frames or sum(len(f) for f in frames) == 0:
-        raise DataError("the archive holds no event in the window", url)
-    frame = pd.concat(frames, ignore_index=True)
-    return frame[~frame.duplicated(ARCHIVE_KEY)][ARCHIVE_COLUMNS].reset_index(drop=True)
 
 
 def _note(reasons: np.ndarray, mask: np.ndarray, reason: str) -> None:
