@@ -8,6 +8,12 @@ the sampler, and batches of 256 users whose lengths follow S2's (mean ~10 items,
 T' up to 50). Times forward + backward + Adam over ``--steps`` steps after one warm-up
 step, for ``--loss exact`` (skipped above ``--exact-max`` items: it grows as N) and
 ``--loss sampled`` (K = 1024). Prints a markdown table; docs/scaling.md keeps the results.
+
+    python bench/sampled_step.py --data s2/sequences.txt --ted-samples 0 32 [--threads 1]
+
+With ``--data``: the sampled step on that file's own batches (the trainer's examples, in
+a seeded random order) and its own TED teacher, for each ``--ted-samples`` value (0: every
+teacher entry), split into forward, backward and Adam (CPU seconds per step).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from mqsa.models.mqsa import MQSA, MQSAConfig
 from mqsa.training.losses import LossSettings, TEDTeacher, mqsa_loss
 from mqsa.training.sampled_loss import NegativeSampler, sampled_mqsa_loss
+from mqsa.training.trainer import TrainConfig
 from mqsa.training.transitions import TransitionGraph
 
 
@@ -55,8 +62,10 @@ def time_steps(n: int, loss: str, args: argparse.Namespace) -> float:
     torch.manual_seed(0)
     model = MQSA(MQSAConfig(num_items=n))
     sampled = loss == "sampled"  # as the trainer sets it up: L2's gradient in Adam, sparse lookups
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4 if sampled else 0.0)
-    settings = LossSettings(0.1, 0.1, 1e-4, 256, torch.float32, l2_in_optimizer=sampled)
+    decay = 1e-4 if sampled else 0.0
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=decay, fused=True)
+    samples = TrainConfig().ted_samples if sampled else 0
+    settings = LossSettings(0.1, 0.1, 1e-4, 256, torch.float32, l2_in_optimizer=sampled, ted_samples=samples)
     ted = teacher(rng, n, args.transitions)
     counts = np.minimum(rng.zipf(1.2, n), 10**6)
     sampler = NegativeSampler.from_counts(counts, 1024)
@@ -80,6 +89,43 @@ def time_steps(n: int, loss: str, args: argparse.Namespace) -> float:
     return float(np.mean(seconds[1:]))
 
 
+def time_data_steps(path: str, samples: int, steps: int) -> dict[str, float]:
+    """CPU seconds per sampled step on ``path``'s batches, by part (as the trainer runs it)."""
+    from mqsa.models.mqsa import MQSAConfig
+    from mqsa.training.sequences import read_sequences
+    from mqsa.training.trainer import TrainingData
+
+    config = TrainConfig(loss="sampled", ted_samples=samples)
+    sequences = read_sequences(path)
+    model_config = MQSAConfig(num_items=sequences.num_items)
+    data = TrainingData.build(path, sequences, None, model_config, config.time_span)
+    ted = TEDTeacher.from_graph(data.graph, config.tau)
+    settings = config.loss_settings(model_config.num_items)
+    sampler = NegativeSampler.from_counts(data.item_counts, config.negatives)
+    torch.manual_seed(0)
+    model = MQSA(model_config)
+    model.use_sparse_item_gradients()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.l2, fused=True)
+    order = np.random.default_rng(0).permutation(len(data.examples))
+    parts = np.zeros(3)
+    for step in range(steps + 1):
+        inputs, targets = data.examples.batch(order[step * 256 : (step + 1) * 256], torch.device("cpu"))
+        marks = [time.process_time()]
+        loss, _ = sampled_mqsa_loss(model, inputs, targets, ted, settings, sampler)
+        marks.append(time.process_time())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in model.parameters():
+            if p.grad is not None and p.grad.is_sparse:
+                p.grad = p.grad.to_dense()
+        marks.append(time.process_time())
+        optimizer.step()
+        marks.append(time.process_time())
+        if step:  # the first step warms up
+            parts += np.diff(marks)
+    return dict(zip(("forward", "backward", "adam"), parts / steps, strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, nargs="+", default=[12101, 50000, 300000, 1000000])
@@ -87,8 +133,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--transitions", type=int, default=30)
     parser.add_argument("--exact-max", type=int, default=300000)
+    parser.add_argument("--data", help="time the sampled step on this sequence file instead")
+    parser.add_argument("--ted-samples", type=int, nargs="+", default=[0, TrainConfig().ted_samples])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.data:
+        print("| ted_samples | forward | backward | Adam | CPU s/step |\n|---|---|---|---|---|")
+        for samples in args.ted_samples:
+            parts = time_data_steps(args.data, samples, args.steps)
+            shown = " | ".join(f"{v:.3f}" for v in parts.values())
+            print(f"| {samples} | {shown} | {sum(parts.values()):.3f} |", flush=True)
+        return
     print("| items N | exact, CPU s/step | sampled, CPU s/step |\n|---|---|---|")
     for n in args.items:
         exact = f"{time_steps(n, 'exact', args):.3f}" if n <= args.exact_max else "not run"

@@ -78,12 +78,24 @@ def make_old_data(full: Path, out_dir: Path, drop: int = DROP) -> Path:
     return out_dir / "sequences.txt"
 
 
-def train_run(name: str, data: Path, threads: int, patience: int, init_from: Path | None) -> None:
-    """Train one run into ``RESULTS/name`` (resumes it if it was stopped)."""
+def train_run(
+    name: str,
+    data: Path,
+    threads: int,
+    patience: int,
+    init_from: Path | None,
+    lr: float | None = None,
+    epochs: int | None = None,
+) -> None:
+    """Train one run into ``RESULTS/name`` (resumes it if it was stopped); ``lr`` None: the default."""
     from mqsa.training.trainer import TrainConfig, train
 
     out = RESULTS / name
-    extra = {"init_from": str(init_from)} if init_from is not None else {}
+    extra: dict = {"init_from": str(init_from)} if init_from is not None else {}
+    if lr is not None:
+        extra["lr"] = lr
+    if epochs is not None:
+        extra["epochs"] = epochs
     config = TrainConfig(patience=patience, threads=threads, device="cpu", seed=42, **extra)
     resume = (out / "last.pt").exists()
     metrics = train(data, out, None, config, progress=False, resume=resume)
@@ -214,6 +226,11 @@ def main() -> None:
         "--threads", type=int, default=1, help="CPU threads per run (1: two runs side by side)"
     )
     parser.add_argument("--patience", type=int, default=20)
+    parser.add_argument(
+        "--lr", type=float, default=None, help="warm stage: its learning rate (default: TrainConfig's)"
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="warm stage: stop after this many epochs")
+    parser.add_argument("--name", default="warm", help="warm stage: the run's folder under the results")
     args = parser.parse_args()
     if args.stage == "report":
         report()
@@ -224,7 +241,9 @@ def main() -> None:
     elif args.stage == "scratch":
         train_run("scratch", DATA, args.threads, args.patience, None)
     else:
-        train_run("warm", DATA, args.threads, args.patience, RESULTS / "old" / "best.pt")
+        train_run(
+            args.name, DATA, args.threads, args.patience, RESULTS / "old" / "best.pt", args.lr, args.epochs
+        )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ non-zero transition counts plus one shared probability for every other item.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -152,6 +152,8 @@ class TEDTeacher:
     delta: torch.Tensor
     delta_t: torch.Tensor
     shared: torch.Tensor
+    _keys: torch.Tensor | None = field(default=None, init=False, repr=False)  # _draw_keys, made once
+    _mass: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_graph(cls, graph: TransitionGraph, tau: float) -> TEDTeacher:
@@ -199,31 +201,80 @@ class TEDTeacher:
         return self.shared[:, None] * total + _SparseProduct.apply(table, self.delta, self.delta_t)
 
     def expected_rows(
-        self, items: torch.Tensor, model: MQSA, total: torch.Tensor | None = None
+        self, items: torch.Tensor, model: MQSA, total: torch.Tensor | None = None, samples: int = 0
     ) -> torch.Tensor:
         """(K,) item indices -> (K, D) their rows of :meth:`expected_embeddings`, at a cost that
         grows with those items' transitions rather than with the catalogue.
 
         shared_i * sum_j E_j + sum over row i of delta of delta[i, j] * E_j, the second
         gathered from the CSR rows of the batch's distinct items only; every table row is
-        read through ``model.item_rows`` (a sparse gradient). When those rows hold more
-        than 1/ROWS_SHARE of the teacher's entries (the long rows of popular items, in most
-        batches of a Zipf log) the full sparse product is cheaper, and is used. Equal to
-        ``expected_embeddings(model.item_embeddings())[items]`` up to float rounding.
-        ``total``: (D,) sum_j E_j, if the caller made it (its gradient is dense).
+        read through ``model.item_rows`` (a sparse gradient). ``total``: (D,) sum_j E_j, if
+        the caller made it (its gradient is dense).
+
+        ``samples`` 0: exact, equal to ``expected_embeddings(model.item_embeddings())[items]``
+        up to float rounding; when the batch's rows hold more than 1/ROWS_SHARE of the
+        teacher's entries (the long rows of popular items, in most batches of a Zipf log)
+        the full sparse product is cheaper, and is used. ``samples`` S > 0: a row with more
+        than S entries is estimated from S draws (:meth:`_row_entries`), unbiased, so the
+        cost is at most S row reads per distinct item whatever the rows' lengths.
         """
         unique, inverse = torch.unique(items, return_inverse=True)  # (U,), (K,)
-        crow, col, val = self.delta.crow_indices(), self.delta.col_indices(), self.delta.values()
-        starts, lengths = crow[unique], crow[unique + 1] - crow[unique]  # (U,) each
-        if int(lengths.sum()) * ROWS_SHARE > len(val):  # popular items' long rows: the product is cheaper
-            return self.expected_embeddings(model.item_embeddings(), total)[items]
-        segment = torch.repeat_interleave(torch.arange(len(unique), device=items.device), lengths)  # (E,)
-        first = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)  # (E,)
-        entries = starts[segment] + torch.arange(len(segment), device=items.device) - first  # (E,)
-        weighted = val[entries, None] * model.item_rows(col[entries])  # (E, D)
+        crow, col = self.delta.crow_indices(), self.delta.col_indices()
+        lengths = crow[unique + 1] - crow[unique]  # (U,)
+        if not samples and int(lengths.sum()) * ROWS_SHARE > self.delta.values().numel():
+            return self.expected_embeddings(model.item_embeddings(), total)[items]  # cheaper
+        segment, entries, weights = self._row_entries(unique, samples)  # (E,) each
+        weighted = weights[:, None] * model.item_rows(col[entries])  # (E, D)
         total = model.item_embeddings().sum(0) if total is None else total  # (D,)
         spread = torch.zeros(len(unique), total.shape[0], dtype=weighted.dtype, device=items.device)
         return (self.shared[unique, None] * total + spread.index_add(0, segment, weighted))[inverse]
+
+    def _row_entries(
+        self, rows: torch.Tensor, samples: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The terms of sum_j delta[i, j] * E_j for each row i of ``rows`` (U,): which of the
+        U sums each term belongs to, its entry of ``delta`` and its weight, (E,) each.
+
+        A row with at most ``samples`` entries (every row if 0) gives its entries, weighted
+        by their delta. A longer row gives S = ``samples`` entries drawn with replacement
+        with probability delta[i, j] / m_i, m_i = sum_j delta[i, j], each weighted m_i / S:
+        an unbiased estimate of the row's sum (the teacher's mass sits on a row's strongest
+        transitions, which the draws then hit most). Draws use torch's global generator.
+        """
+        crow, val = self.delta.crow_indices(), self.delta.values()
+        starts, lengths = crow[rows], crow[rows + 1] - crow[rows]  # (U,) each
+        exact = lengths if not samples else torch.where(lengths > samples, 0, lengths)  # (U,)
+        segment = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), exact)  # (E1,)
+        first = torch.repeat_interleave(torch.cumsum(exact, 0) - exact, exact)  # (E1,)
+        entries = starts[segment] + torch.arange(len(segment), device=rows.device) - first  # (E1,)
+        long = (exact != lengths).nonzero().squeeze(1)  # (L,) positions in rows of the drawn ones
+        if len(long) == 0:
+            return segment, entries, val[entries]
+        keys, mass = self._draw_keys()
+        wanted = rows[long, None] + torch.rand(len(long), samples, dtype=keys.dtype, device=rows.device)
+        drawn = torch.searchsorted(keys, wanted.flatten())  # (L * S,) entries of delta
+        drawn = torch.minimum(drawn, (crow[rows[long] + 1] - 1).repeat_interleave(samples))  # rounding guard
+        weights = (mass[rows[long]] / samples).repeat_interleave(samples).to(val.dtype)  # (L * S,)
+        return (
+            torch.cat([segment, long.repeat_interleave(samples)]),
+            torch.cat([entries, drawn]),
+            torch.cat([val[entries], weights]),
+        )
+
+    def _draw_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nnz,) float64 keys, row i's entries at i + (delta's cumulative share of its row), the
+        last exactly i + 1, so ``searchsorted(keys, i + u)``, u uniform in [0, 1), draws an entry
+        of row i with probability delta[i, j] / m_i; and (N,) the row masses m_i. Made once."""
+        if self._keys is None:
+            crow, val = self.delta.crow_indices(), self.delta.values().double()
+            lengths = crow[1:] - crow[:-1]  # (N,)
+            cumulative = torch.cat([val.new_zeros(1), val.cumsum(0)])  # (nnz + 1,)
+            before, mass = cumulative[crow[:-1]], cumulative[crow[1:]] - cumulative[crow[:-1]]  # (N,)
+            row = torch.repeat_interleave(torch.arange(len(lengths), device=val.device), lengths)  # (nnz,)
+            share = (cumulative[1:] - before[row]) / mass[row]  # (nnz,) in (0, 1]
+            share[crow[1:][lengths > 0] - 1] = 1.0  # a row's last key exactly i + 1: no draw past it
+            self._keys, self._mass = row.double() + share, mass.float()
+        return self._keys, self._mass
 
 
 def ted_linear_term(
@@ -261,6 +312,8 @@ class LossSettings:
             ``weight_decay``, the same gradient) rather than the graph's; the loss still
             reports the penalty's value (the sampled loss: one dense (N, D) term less in
             its backward pass).
+        ted_samples: the sampled loss's TED: a teacher row with more entries than this is
+            estimated from this many draws (``TEDTeacher.expected_rows``); 0: every entry.
     """
 
     lambda_kd: float
@@ -269,6 +322,7 @@ class LossSettings:
     chunk: int
     dtype: torch.dtype
     l2_in_optimizer: bool = False
+    ted_samples: int = 0
 
 
 @dataclass

@@ -204,7 +204,8 @@ def sampled_mqsa_loss(
         real = inputs != pad  # (B, T')
         items, followers = inputs[real], targets[real]  # (K,) occurrences and the item after each
         followers = torch.where(followers == pad, items, followers)  # none after: any item will do
-        expected = teacher.expected_rows(items, model, model.item_embeddings().sum(0))  # (K, D)
+        total = model.item_embeddings().sum(0)  # (D,)
+        expected = teacher.expected_rows(items, model, total, settings.ted_samples)  # (K, D)
     z, target_items = model.real_position_queries(inputs, targets)  # (P, D), (P,)
     if candidates is None:
         candidates = sampler.draw(target_items)

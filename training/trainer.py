@@ -117,6 +117,9 @@ class TrainConfig:
             high-scoring items dominate the softmax's normaliser.
         in_batch_negatives: sampled loss: also use the batch's targets as negatives
             (each with its own logQ correction).
+        ted_samples: sampled loss: TED's teacher-weighted mean of an item's transitions is
+            estimated from this many draws from its teacher row, unbiased, where the row has
+            more entries (a popular item's row holds thousands; 0 = every entry, exact).
         init_from: a checkpoint (an older run's best.pt) to warm-start from: items it
             knows keep their rows (matched by external id), new items start from their
             transition neighbours' rows (else the mean row), the rest of the network is
@@ -142,6 +145,7 @@ class TrainConfig:
     loss: Literal["auto", "exact", "sampled"] = "auto"
     negatives: int = 1024
     in_batch_negatives: bool = False
+    ted_samples: int = 32
     init_from: str | None = None
 
     def __post_init__(self) -> None:
@@ -153,7 +157,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 < self.adam_beta2 < 1.0:
             raise ConfigError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2}")
-        for name in ("l2", "lambda_kd", "valid_sample", "patience", "threads"):
+        for name in ("l2", "lambda_kd", "valid_sample", "patience", "threads", "ted_samples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -179,6 +183,7 @@ class TrainConfig:
             chunk=self.chunk,
             dtype=dtype,
             l2_in_optimizer=self.objective(num_items) == "sampled",  # the sampled loss's dense terms kept few
+            ted_samples=self.ted_samples if self.objective(num_items) == "sampled" else 0,
         )
 
 
@@ -432,7 +437,9 @@ class Trainer:
         if self.world.distributed:
             raise ResumeError("resume runs on one process only: each rank's dropout generator differs")
         defaults = {
-            "train_config": {**asdict(TrainConfig()), "loss": "exact"},  # a state from before --loss: exact
+            # a state from before --loss trained with the exact loss; one from before
+            # --ted-samples with every teacher entry
+            "train_config": {**asdict(TrainConfig()), "loss": "exact", "ted_samples": 0},
             "model_config": MQSAConfig(num_items=1).to_dict(),
         }
         state = load_run_state(self.out_dir / "last.pt", self._fingerprint(), defaults)
@@ -526,8 +533,15 @@ class Trainer:
             # the summed gradient dense.
             self.model.use_sparse_item_gradients()
         decay = config.l2 if self.loss_settings.l2_in_optimizer else 0.0  # the penalty's gradient
+        # fused: one kernel per parameter instead of a chain of foreach passes over it; the
+        # same update, 12x faster on the CPU (0.17 -> 0.014 s a step for a 307,000 x 64 item
+        # table on one thread, a third of a sampled S2 step), and torch's own CUDA kernel.
         self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=config.lr, betas=(0.9, config.adam_beta2), weight_decay=decay
+            self.model.parameters(),
+            lr=config.lr,
+            betas=(0.9, config.adam_beta2),
+            weight_decay=decay,
+            fused=True,
         )
 
     def _train_step(self, rows: np.ndarray) -> LossValues:
@@ -636,6 +650,7 @@ class Trainer:
         """What a resumed run must share with the stopped one (``training.run_state``)."""
         train_config = asdict(self.config)
         train_config["loss"] = self.config.objective(self.model_config.num_items)  # auto, resolved
+        train_config["ted_samples"] = self.loss_settings.ted_samples  # the exact loss: 0, unused
         return {
             "train_config": train_config,
             "model_config": self.model_config.to_dict(),

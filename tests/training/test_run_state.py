@@ -76,7 +76,7 @@ def test_a_run_state_from_before_a_setting_existed_resumes_with_its_default(synt
     is refused by name."""
     train(synthetic_data, tmp_path, SMALL, replace(CONFIG, epochs=1), progress=False)
     state = torch.load(tmp_path / "last.pt", weights_only=False)
-    for key in ("loss", "negatives", "in_batch_negatives"):
+    for key in ("loss", "negatives", "in_batch_negatives", "ted_samples"):
         del state["fingerprint"]["train_config"][key]
     torch.save(state, tmp_path / "last.pt")
     with pytest.raises(ResumeError, match=r"train_config\.loss: 'exact' -> 'sampled'"):

@@ -213,6 +213,67 @@ def test_expected_rows_are_the_teachers_full_product_at_the_batchs_items(share: 
     assert torch.allclose(model.item_emb.weight.grad.to_dense(), expected_grad, atol=1e-6)
 
 
+def long_row_teacher() -> tuple[MQSA, TEDTeacher]:
+    """The tiny model with a teacher whose rows have 1 to 10 entries of unequal weight."""
+    model, *_ = tiny_setup()
+    rng = np.random.default_rng(1)
+    rows = [np.sort(rng.choice(N, size=min(N - 1, 1 + i), replace=False)) for i in range(N - 1)] + [[]]
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    counts = rng.integers(1, 6, indptr[-1]).astype(np.float32)
+    graph = TransitionGraph(N, indptr, np.concatenate(rows).astype(np.int64), counts)
+    return model, TEDTeacher.from_graph(graph, 0.5)  # tau 0.5: mass spread over the row
+
+
+def test_ted_samples_at_least_every_rows_length_is_exact() -> None:
+    """Rows no longer than ted_samples are summed, not drawn: the same means, no randomness."""
+    model, teacher = long_row_teacher()
+    items = torch.tensor([9, 0, 9, N - 1, 4])
+    exact = teacher.expected_embeddings(model.item_embeddings())[items]
+    torch.manual_seed(0)
+    before = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.allclose(teacher.expected_rows(items, model, samples=10), exact, atol=1e-6)
+    assert torch.equal(torch.rand(1), before)  # nothing was drawn
+
+
+def test_ted_samples_draw_each_entry_by_its_teacher_weight_and_are_unbiased() -> None:
+    """Long rows drawn with replacement: each entry at delta / row mass (and only its own
+    row's), and the mean of many estimates converges to the exact teacher means."""
+    model, teacher = long_row_teacher()
+    torch.manual_seed(0)
+    rows = torch.tensor([9, 5, 0])  # 10 and 6 entries (drawn), 1 entry (exact)
+    segment, entries, weights = teacher._row_entries(rows, samples=3)
+    assert segment.tolist().count(2) == 1 and len(entries) == 1 + 2 * 3
+    crow, val = teacher.delta.crow_indices(), teacher.delta.values()
+    for position, row in enumerate(rows.tolist()):  # every term inside its own row
+        mine = entries[segment == position]
+        assert bool(((mine >= crow[row]) & (mine < crow[row + 1])).all())
+    repeats = 40_000  # row 9 (10 entries) 40,000 times, 5 draws each
+    segment, entries, weights = teacher._row_entries(torch.full((repeats,), 9), samples=5)
+    frequency = torch.bincount(entries - crow[9], minlength=10).double() / (5 * repeats)
+    share = val[crow[9] : crow[10]].double() / val[crow[9] : crow[10]].sum()
+    assert torch.allclose(frequency, share, atol=4e-3)  # binomial sd <= 0.0012
+    mass = weights[segment == 0].sum().item()  # S draws of weight m_i / S: the row's mass
+    assert mass == pytest.approx(val[crow[9] : crow[10]].sum().item(), rel=1e-5)
+    items = torch.tensor([9, 5, 3, 0])
+    exact = teacher.expected_embeddings(model.item_embeddings())[items].detach()
+    with torch.no_grad():
+        estimates = torch.stack([teacher.expected_rows(items, model, samples=2) for _ in range(4000)])
+    error = (estimates.mean(0) - exact).abs()
+    standard_error = estimates.std(0) / math.sqrt(len(estimates))
+    assert bool((error <= 5 * standard_error + 1e-6).all())
+    assert estimates.std(0).max() > 1e-3  # they are estimates: one draw differs from another
+
+
+def test_ted_samples_cut_the_rows_a_step_reads() -> None:
+    """With ted_samples, a step reads at most S rows of the table per distinct long item."""
+    _, teacher = long_row_teacher()
+    items = torch.arange(N)
+    _, exact_entries, _ = teacher._row_entries(items, samples=0)
+    _, drawn_entries, _ = teacher._row_entries(items, samples=2)
+    assert len(exact_entries) == sum(min(N - 1, 1 + i) for i in range(N - 1)) and len(drawn_entries) <= 2 * N
+
+
 @pytest.mark.parametrize(("lambda_kd", "l2"), [(0.1, 1e-4), (0.0, 0.0)])
 def test_sparse_item_gradients_change_nothing_but_the_cost(lambda_kd: float, l2: float) -> None:
     """The sampled loss with the table's gradient kept to the rows a batch uses: the same loss
