@@ -270,6 +270,14 @@ class MQSA(nn.Module):
         ``item_embeddings()[idx]`` gives every call an (N, D) gradient)."""
         return F.embedding(item_idx, self.item_emb.weight, sparse=self.item_emb.sparse)
 
+    def item_total(self) -> torch.Tensor:
+        """(D,) sum_j E_j over the real items. Summed over the whole table less the padding
+        row (read through :meth:`item_rows`), so its gradient reaches the table as one
+        broadcast instead of through the slice ``item_embeddings()``, whose backward pass
+        zero-fills and copies an (N + 1, D) tensor (0.15 s a step at 10^6 items)."""
+        pad = torch.tensor([self.config.padding_idx], device=self.item_emb.weight.device)
+        return self.item_emb.weight.sum(0) - self.item_rows(pad)[0]
+
     def use_sparse_item_gradients(self, enabled: bool = True) -> None:
         """Give the item lookups (the input layer's and :meth:`item_rows`) a sparse gradient,
         the rows used, instead of a dense (N, D) one per call. The optimizer then needs the

@@ -225,7 +225,7 @@ class TEDTeacher:
             return self.expected_embeddings(model.item_embeddings(), total)[items]  # cheaper
         segment, entries, weights = self._row_entries(unique, samples)  # (E,) each
         weighted = weights[:, None] * model.item_rows(col[entries])  # (E, D)
-        total = model.item_embeddings().sum(0) if total is None else total  # (D,)
+        total = model.item_total() if total is None else total  # (D,)
         spread = torch.zeros(len(unique), total.shape[0], dtype=weighted.dtype, device=items.device)
         return (self.shared[unique, None] * total + spread.index_add(0, segment, weighted))[inverse]
 

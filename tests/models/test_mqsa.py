@@ -387,3 +387,19 @@ def test_model_eval_is_deterministic_and_train_is_not() -> None:
         c, d = model(x)[0], model(x)[0]
     assert (c - d).abs().max() > 1e-3
     assert math.isfinite(c.sum().item())
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_item_total_is_the_sum_of_the_real_items_rows_and_its_gradient(sparse: bool) -> None:
+    """item_total() = item_embeddings().sum(0), the padding row left out even when it is not
+    zero, and the same gradient: every real row gets it, the padding row none."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.item_emb.weight[PAD].fill_(3.0)  # a non-zero padding row must not count
+    model.use_sparse_item_gradients(sparse)
+    weights = torch.randn(model.config.hidden_size)
+    (model.item_total() * weights).sum().backward()
+    grad = model.item_emb.weight.grad.to_dense()
+    assert torch.allclose(model.item_total(), model.item_embeddings().sum(0), atol=1e-5)
+    assert torch.allclose(grad[:N_ITEMS], weights.expand(N_ITEMS, -1))
+    assert torch.equal(grad[PAD], torch.zeros_like(weights))
