@@ -327,12 +327,42 @@ class LossSettings:
 
 @dataclass
 class LossValues:
-    """One batch's objective, as floats for logging."""
+    """One batch's objective and its parts, for logging, left on the loss's device.
 
-    total: float
-    rec: float
-    kd: float
-    l2: float
+    Reading a part as a float (``.total`` ...) waits for the device; the trainer sums
+    ``parts`` over an epoch instead and reads them once (on a GPU a read every step
+    would stall the host at every step).
+
+    Attributes:
+        parts: (4,) float32, detached: total, rec, kd, l2.
+    """
+
+    parts: torch.Tensor
+
+    @classmethod
+    def of(
+        cls, total: torch.Tensor, rec: torch.Tensor, kd: torch.Tensor | None, l2: torch.Tensor | None
+    ) -> LossValues:
+        """From the loss's 0-d tensors; None (TED or L2 off) is 0."""
+        zero = total.new_zeros(())
+        terms = [t.detach().float() if t is not None else zero for t in (total, rec, kd, l2)]
+        return cls(torch.stack(terms))
+
+    @property
+    def total(self) -> float:
+        return float(self.parts[0])
+
+    @property
+    def rec(self) -> float:
+        return float(self.parts[1])
+
+    @property
+    def kd(self) -> float:
+        return float(self.parts[2])
+
+    @property
+    def l2(self) -> float:
+        return float(self.parts[3])
 
 
 def mqsa_loss(
@@ -374,15 +404,13 @@ def mqsa_loss(
     )
     rec_linear = (z * table[target_items]).sum(-1)  # (P,) target logits
     loss = lse_sum - rec_linear.mean()
-    rec_value = (lse[:P] - rec_linear.detach()).mean().item()
-    kd_value = 0.0
+    rec_value = (lse[:P] - rec_linear.detach()).mean()
+    kd_value = penalty = None
     if use_kd:
         kd_linear = ted_linear_term(student, items, table, teacher, settings.tau)  # (K,)
         loss = loss - settings.lambda_kd * kd_linear.mean()
-        kd_value = (lse[P:] - kd_linear.detach()).mean().item()
-    l2_value = 0.0
+        kd_value = (lse[P:] - kd_linear.detach()).mean()
     if settings.l2 > 0:
         penalty = 0.5 * settings.l2 * sum(p.pow(2).sum() for p in model.parameters() if p.requires_grad)
         loss = loss + penalty
-        l2_value = penalty.item()
-    return loss, LossValues(total=loss.item(), rec=rec_value, kd=kd_value, l2=l2_value)
+    return loss, LossValues.of(loss, rec_value, kd_value, penalty)

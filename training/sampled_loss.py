@@ -216,12 +216,10 @@ def sampled_mqsa_loss(
     lse, rec_linear = sampled_logsumexp(z, rows, target_items, candidates, settings.dtype)  # (P,) each
     rec = (lse - rec_linear).mean()
     loss = rec if penalty is None else rec + penalty  # a constant when the optimizer adds its gradient
-    kd_value = 0.0
+    kd = None
     if ted:
         student = model.student_vectors(items) / settings.tau  # (K, D)
         kd_lse, _ = sampled_logsumexp(student, rows, followers, candidates, settings.dtype)  # (K,)
         kd = (kd_lse - (student * expected).sum(-1)).mean()  # ted_linear_term's linear part
         loss = loss + settings.lambda_kd * kd
-        kd_value = kd.item()
-    l2_value = 0.0 if penalty is None else penalty.item()
-    return loss, LossValues(total=loss.item(), rec=rec.item(), kd=kd_value, l2=l2_value)
+    return loss, LossValues.of(loss, rec, kd, penalty)

@@ -70,6 +70,9 @@ from mqsa.training.warm_start import load_warm_start_checkpoint, warm_start
 # test NDCG@10. Past 10^5 items an exact epoch of 10^5 users takes ~25 minutes and a run
 # days, which no accuracy gain pays for on a CPU; below it the paper's loss is affordable.
 SAMPLED_ABOVE = 100_000
+# The progress bar shows the epoch's running loss every this many steps: each look waits
+# for the device (on a GPU the host would otherwise queue steps ahead of it).
+PROGRESS_EVERY = 10
 
 
 @dataclass
@@ -210,9 +213,13 @@ class TrainingExamples:
     def __len__(self) -> int:
         return len(self.inputs)
 
+    def to(self, device: torch.device) -> TrainingExamples:
+        """The examples on ``device``, once: a batch is then gathered there, not copied over."""
+        return TrainingExamples(self.inputs.to(device), self.targets.to(device))
+
     def batch(self, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``idx``: inputs (b, T) and targets (b, T), untrimmed (the model trims)."""
-        rows = torch.from_numpy(idx)
+        """Rows ``idx``: inputs (b, T) and targets (b, T) on ``device``, untrimmed (the model trims)."""
+        rows = torch.from_numpy(idx).to(self.inputs.device)
         return self.inputs[rows].to(device), self.targets[rows].to(device)
 
 
@@ -383,6 +390,7 @@ class Trainer:
         vocab = vocabulary_for(data_path, sequences.num_items)
         self.model_config = MQSAConfig(num_items=len(vocab), **model_config)
         self.data = TrainingData.build(data_path, sequences, vocab, self.model_config, config.time_span)
+        self.data.examples = self.data.examples.to(self.device)  # (on a GPU: copied once, not per batch)
         teacher = TEDTeacher.from_graph(self.data.graph, config.tau) if config.lambda_kd > 0 else None
         self.teacher = teacher.to(self.device) if teacher is not None else None
         self.on_epoch, self.evaluate_test = on_epoch, evaluate_test
@@ -491,23 +499,22 @@ class Trainer:
         started = time.perf_counter()
         order = self.rng.permutation(len(self.data.examples))
         size = self.config.batch_size
-        sums, n = np.zeros(4), 0
+        sums, n = torch.zeros(4, device=self.device), 0  # summed on the device, read at the end
         batches = report.progress_bar(
             range(0, len(order), size), f"epoch {epoch}/{self.config.epochs}", self.progress
         )
-        for n, start in enumerate(batches, start=1):
+        for start in batches:
             rows = order[start : start + size]
             if len(rows) < self.world.size:  # a last batch too small to give every process a row
                 continue
-            values = self._train_step(rows)
-            sums += (values.total, values.rec, values.kd, values.l2)
-            if self.progress:
-                batches.set_postfix(
-                    loss=f"{sums[0] / n:.4f}", rec=f"{sums[1] / n:.4f}", kd=f"{sums[2] / n:.4f}"
-                )
+            sums += self._train_step(rows).parts
+            n += 1
+            if self.progress and n % PROGRESS_EVERY == 0:
+                shown = (sums[:3] / n).tolist()
+                batches.set_postfix(loss=f"{shown[0]:.4f}", rec=f"{shown[1]:.4f}", kd=f"{shown[2]:.4f}")
+        mean = (sums / max(1, n)).tolist()  # waits for the epoch's last step
         seconds = time.perf_counter() - started
         self.train_seconds += seconds
-        mean = sums / max(1, n)
         return {
             "epoch": epoch,
             "seconds": seconds,
