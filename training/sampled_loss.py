@@ -50,7 +50,11 @@ unbiased whichever item is kept exactly). So the sampled TED loss is
 the exact cross-entropy(t_i, s_i) of spec section 6 with the student's N-way
 log-partition log sum_j exp(student_i . E_j / tau) replaced by its estimate
 above, at the same temperature tau; the teacher t_i is not truncated to the
-candidates (its term is exact and cheap: O(nnz) through the sparse teacher).
+candidates. Its term, student_i . sum_j t_i[j] E_j / tau, is linear in the teacher's
+mean of the table, which is summed exactly over rows of at most ``ted_samples``
+transitions and estimated from that many draws on longer ones (unbiased:
+``TEDTeacher.expected_rows``), so a popular item's thousands of transitions cost
+no more than a rare one's.
 """
 
 from __future__ import annotations
