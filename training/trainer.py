@@ -23,6 +23,7 @@ unranked altogether (tuning trials).
 from __future__ import annotations
 
 import copy
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -70,6 +71,7 @@ from mqsa.training.warm_start import load_warm_start_checkpoint, warm_start
 # test NDCG@10. Past 10^5 items an exact epoch of 10^5 users takes ~25 minutes and a run
 # days, which no accuracy gain pays for on a CPU; below it the paper's loss is affordable.
 SAMPLED_ABOVE = 100_000
+LR_MIN_SHARE = 0.01  # the cosine schedule ends at lr / 100 (TrainConfig.lr_schedule)
 # The progress bar shows the epoch's running loss every this many steps: each look waits
 # for the device (on a GPU the host would otherwise queue steps ahead of it).
 PROGRESS_EVERY = 10
@@ -123,6 +125,11 @@ class TrainConfig:
         ted_samples: sampled loss: TED's teacher-weighted mean of an item's transitions is
             estimated from this many draws from its teacher row, unbiased, where the row has
             more entries (a popular item's row holds thousands; 0 = every entry, exact).
+        lr_schedule: constant (lr every epoch, the paper's) or cosine: epoch e trains at
+            lr_min + (lr - lr_min) * (1 + cos(pi * (e - 1) / lr_decay_epochs)) / 2, lr_min =
+            lr / 100, and at lr_min after lr_decay_epochs epochs (a fine-tune, such as a
+            warm start, that should settle rather than wander on its plateau).
+        lr_decay_epochs: the cosine schedule's length in epochs (0 = epochs).
         init_from: a checkpoint (an older run's best.pt) to warm-start from: items it
             knows keep their rows (matched by external id), new items start from their
             transition neighbours' rows (else the mean row), the rest of the network is
@@ -149,6 +156,8 @@ class TrainConfig:
     negatives: int = 1024
     in_batch_negatives: bool = False
     ted_samples: int = 32
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_decay_epochs: int = 0
     init_from: str | None = None
 
     def __post_init__(self) -> None:
@@ -160,7 +169,15 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 < self.adam_beta2 < 1.0:
             raise ConfigError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2}")
-        for name in ("l2", "lambda_kd", "valid_sample", "patience", "threads", "ted_samples"):
+        for name in (
+            "l2",
+            "lambda_kd",
+            "valid_sample",
+            "patience",
+            "threads",
+            "ted_samples",
+            "lr_decay_epochs",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -169,6 +186,17 @@ class TrainConfig:
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.loss not in ("auto", "exact", "sampled"):
             raise ConfigError(f"loss must be auto, exact or sampled, got {self.loss!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of epoch ``epoch`` (1-based) under ``lr_schedule``."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        length = self.lr_decay_epochs or self.epochs
+        low = self.lr * LR_MIN_SHARE
+        done = min(epoch - 1, length) / length  # 0 at the first epoch, 1 from epoch length + 1
+        return low + (self.lr - low) * 0.5 * (1.0 + math.cos(math.pi * done))
 
     def objective(self, num_items: int) -> Literal["exact", "sampled"]:
         """The loss a run on ``num_items`` items trains with (``auto`` resolved)."""
@@ -496,6 +524,8 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the examples in a fresh random order; returns the epoch's history row."""
         self.model.train()
+        for group in self.optimizer.param_groups:  # a function of the epoch: a resumed run agrees
+            group["lr"] = self.config.lr_at(epoch)
         started = time.perf_counter()
         order = self.rng.permutation(len(self.data.examples))
         size = self.config.batch_size
@@ -518,6 +548,7 @@ class Trainer:
         return {
             "epoch": epoch,
             "seconds": seconds,
+            "lr": self.config.lr_at(epoch),
             "loss": mean[0],
             "rec": mean[1],
             "kd": mean[2],

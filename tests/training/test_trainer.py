@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +270,39 @@ def test_eval_every_beyond_the_epochs_runs_no_validation(synthetic_data, tmp_pat
     assert all(torch.equal(last[k], best[k]) for k in last)  # the last epoch's weights
     full = evaluate_checkpoint(tmp_path / "best.pt", synthetic_data)
     assert metrics["test"] == pytest.approx(full["test"], abs=1e-6) and metrics["test"]
+
+
+def test_cosine_schedule_decays_from_lr_to_a_hundredth_then_stays() -> None:
+    config = TrainConfig(lr=1e-3, lr_schedule="cosine", lr_decay_epochs=4, epochs=10)
+    rates = [config.lr_at(e) for e in range(1, 8)]
+    assert rates[0] == pytest.approx(1e-3) and rates[2] == pytest.approx((1e-3 + 1e-5) / 2)
+    assert all(a > b for a, b in itertools.pairwise(rates[:5]))  # decreasing to epoch 5
+    assert rates[4:] == pytest.approx([1e-5] * 3)
+    assert TrainConfig(lr_schedule="cosine", epochs=3).lr_at(4) == pytest.approx(1e-5)  # 0: over epochs
+    assert {TrainConfig(lr=2e-3).lr_at(e) for e in (1, 50, 200)} == {2e-3}  # constant, the default
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step")
+    with pytest.raises(ConfigError, match="lr_decay_epochs"):
+        TrainConfig(lr_decay_epochs=-1)
+
+
+def test_cosine_schedule_sets_each_epochs_rate_and_a_resumed_run_keeps_it(synthetic_data, tmp_path) -> None:
+    """The optimizer trains each epoch at lr_at(epoch) (history.csv's lr), and a run resumed
+    mid-schedule carries on from the epoch's rate, not from the start."""
+    small = {"max_len": 10, "hidden_size": 16}
+    config = TrainConfig(epochs=3, seed=3, threads=1, lr_schedule="cosine", lr_decay_epochs=2)
+    rates: list[float] = []
+
+    def record(epoch: int, _valid: dict[str, float]) -> None:
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+
+    trainer = Trainer(synthetic_data, tmp_path / "a", small, config, progress=False, on_epoch=record)
+    trainer.fit()
+    assert rates == pytest.approx([1e-3, (1e-3 + 1e-5) / 2, 1e-5])
+    rows = list(csv.DictReader((tmp_path / "a" / "history.csv").open()))
+    assert [float(r["lr"]) for r in rows] == pytest.approx(rates)
+    train(synthetic_data, tmp_path / "b", small, replace(config, epochs=2), progress=False)
+    rates.clear()
+    trainer = Trainer(synthetic_data, tmp_path / "b", small, config, progress=False, on_epoch=record)
+    trainer.fit(resume=True)
+    assert rates == pytest.approx([1e-5])
