@@ -86,6 +86,7 @@ def train_run(
     init_from: Path | None,
     lr: float | None = None,
     epochs: int | None = None,
+    decay_epochs: int | None = None,
 ) -> None:
     """Train one run into ``RESULTS/name`` (resumes it if it was stopped); ``lr`` None: the default."""
     from mqsa.training.trainer import TrainConfig, train
@@ -96,6 +97,8 @@ def train_run(
         extra["lr"] = lr
     if epochs is not None:
         extra["epochs"] = epochs
+    if decay_epochs is not None:
+        extra.update(lr_schedule="cosine", lr_decay_epochs=decay_epochs)
     config = TrainConfig(patience=patience, threads=threads, device="cpu", seed=42, **extra)
     resume = (out / "last.pt").exists()
     metrics = train(data, out, None, config, progress=False, resume=resume)
@@ -230,6 +233,9 @@ def main() -> None:
         "--lr", type=float, default=None, help="warm stage: its learning rate (default: TrainConfig's)"
     )
     parser.add_argument("--epochs", type=int, default=None, help="warm stage: stop after this many epochs")
+    parser.add_argument(
+        "--decay-epochs", type=int, default=None, help="warm stage: a cosine schedule over this many epochs"
+    )
     parser.add_argument("--name", default="warm", help="warm stage: the run's folder under the results")
     args = parser.parse_args()
     if args.stage == "report":
@@ -241,8 +247,9 @@ def main() -> None:
     elif args.stage == "scratch":
         train_run("scratch", DATA, args.threads, args.patience, None)
     else:
+        old_best = RESULTS / "old" / "best.pt"
         train_run(
-            args.name, DATA, args.threads, args.patience, RESULTS / "old" / "best.pt", args.lr, args.epochs
+            args.name, DATA, args.threads, args.patience, old_best, args.lr, args.epochs, args.decay_epochs
         )
 
 
