@@ -252,7 +252,9 @@ class TEDTeacher:
             return segment, entries, val[entries]
         keys, mass = self._draw_keys()
         wanted = rows[long, None] + torch.rand(len(long), samples, dtype=keys.dtype, device=rows.device)
-        drawn = torch.searchsorted(keys, wanted.flatten())  # (L * S,) entries of delta
+        # the first key above i + u: entry j where share_(j-1) <= u < share_j, never row i - 1's
+        # last (key exactly i) when u is 0
+        drawn = torch.searchsorted(keys, wanted.flatten(), side="right")  # (L * S,) entries of delta
         drawn = torch.minimum(drawn, (crow[rows[long] + 1] - 1).repeat_interleave(samples))  # rounding guard
         weights = (mass[rows[long]] / samples).repeat_interleave(samples).to(val.dtype)  # (L * S,)
         return (
@@ -262,9 +264,10 @@ class TEDTeacher:
         )
 
     def _draw_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(nnz,) float64 keys, row i's entries at i + (delta's cumulative share of its row), the
-        last exactly i + 1, so ``searchsorted(keys, i + u)``, u uniform in [0, 1), draws an entry
-        of row i with probability delta[i, j] / m_i; and (N,) the row masses m_i. Made once."""
+        """(nnz,) float64 keys, row i's entries at i + (delta's cumulative share of its row),
+        the last exactly i + 1, so ``searchsorted(keys, i + u, side="right")``, u uniform in
+        [0, 1), draws an entry of row i with probability delta[i, j] / m_i; and (N,) the row
+        masses m_i. Made once."""
         if self._keys is None:
             crow, val = self.delta.crow_indices(), self.delta.values().double()
             lengths = crow[1:] - crow[:-1]  # (N,)

@@ -265,6 +265,20 @@ def test_ted_samples_draw_each_entry_by_its_teacher_weight_and_are_unbiased() ->
     assert estimates.std(0).max() > 1e-3  # they are estimates: one draw differs from another
 
 
+@pytest.mark.parametrize(("u", "entry"), [(0.0, 0), (1.0 - 2**-52, -1)], ids=["u=0", "u->1"])
+def test_ted_draws_at_the_ends_of_the_unit_interval_stay_in_their_row(
+    u: float, entry: int, monkeypatch
+) -> None:
+    """u = 0 draws the row's first entry (not the previous row's last, whose key is exactly i),
+    u just below 1 its last."""
+    _, teacher = long_row_teacher()
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.full(shape, u, dtype=kw["dtype"]))
+    crow = teacher.delta.crow_indices()
+    _, entries, _ = teacher._row_entries(torch.tensor([9]), samples=2)
+    first, last = int(crow[9]), int(crow[10]) - 1
+    assert entries.tolist() == [first if entry == 0 else last] * 2
+
+
 def test_ted_samples_cut_the_rows_a_step_reads() -> None:
     """With ted_samples, a step reads at most S rows of the table per distinct long item."""
     _, teacher = long_row_teacher()
