@@ -239,6 +239,9 @@ class MQSA(nn.Module):
         self.longs = nn.ModuleList(Branch(cfg, window=w) for w in cfg.windows)
         if cfg.learn_alpha:
             self.alpha_logit = nn.Parameter(torch.tensor(math.log(cfg.alpha / (1 - cfg.alpha))))
+        # (1,) the padding index, on the model's device (item_total reads it every step;
+        # made there each time it would be a host-to-device copy); not saved with the weights.
+        self.register_buffer("pad_index", torch.tensor([cfg.padding_idx]), persistent=False)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -275,8 +278,7 @@ class MQSA(nn.Module):
         row (read through :meth:`item_rows`), so its gradient reaches the table as one
         broadcast instead of through the slice ``item_embeddings()``, whose backward pass
         zero-fills and copies an (N + 1, D) tensor (0.15 s a step at 10^6 items)."""
-        pad = torch.tensor([self.config.padding_idx], device=self.item_emb.weight.device)
-        return self.item_emb.weight.sum(0) - self.item_rows(pad)[0]
+        return self.item_emb.weight.sum(0) - self.item_rows(self.pad_index)[0]
 
     def use_sparse_item_gradients(self, enabled: bool = True) -> None:
         """Give the item lookups (the input layer's and :meth:`item_rows`) a sparse gradient,

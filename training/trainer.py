@@ -689,6 +689,8 @@ class Trainer:
         train_config = asdict(self.config)
         train_config["loss"] = self.config.objective(self.model_config.num_items)  # auto, resolved
         train_config["ted_samples"] = self.loss_settings.ted_samples  # the exact loss: 0, unused
+        cosine = self.config.lr_schedule == "cosine"  # its length, resolved: --epochs may change
+        train_config["lr_decay_epochs"] = (self.config.lr_decay_epochs or self.config.epochs) if cosine else 0
         return {
             "train_config": train_config,
             "model_config": self.model_config.to_dict(),

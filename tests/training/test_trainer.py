@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mqsa.errors import ConfigError, DataError
+from mqsa.errors import ConfigError, DataError, ResumeError
 from mqsa.training.checkpoint import Checkpoint
 from mqsa.training.evaluation import evaluate_checkpoint
 from mqsa.training.sequences import split_leave_one_out, write_sequences
@@ -306,3 +306,9 @@ def test_cosine_schedule_sets_each_epochs_rate_and_a_resumed_run_keeps_it(synthe
     trainer = Trainer(synthetic_data, tmp_path / "b", small, config, progress=False, on_epoch=record)
     trainer.fit(resume=True)
     assert rates == pytest.approx([1e-5])
+    over_epochs = replace(config, lr_decay_epochs=0)  # the schedule's length is --epochs then
+    train(synthetic_data, tmp_path / "c", small, replace(over_epochs, epochs=2), progress=False)
+    with pytest.raises(ResumeError, match=r"lr_decay_epochs: 2 -> 3"):  # it would reshape the rates
+        train(
+            synthetic_data, tmp_path / "c", small, replace(over_epochs, epochs=3), progress=False, resume=True
+        )
