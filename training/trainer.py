@@ -127,8 +127,8 @@ class TrainConfig:
             more entries (a popular item's row holds thousands; 0 = every entry, exact).
         lr_schedule: constant (lr every epoch, the paper's) or cosine: epoch e trains at
             lr_min + (lr - lr_min) * (1 + cos(pi * (e - 1) / lr_decay_epochs)) / 2, lr_min =
-            lr / 100, and at lr_min after lr_decay_epochs epochs (a fine-tune, such as a
-            warm start, that should settle rather than wander on its plateau).
+            lr / 100, and at lr_min after lr_decay_epochs epochs (for runs that should settle
+            rather than wander on their plateau).
         lr_decay_epochs: the cosine schedule's length in epochs (0 = epochs).
         init_from: a checkpoint (an older run's best.pt) to warm-start from: items it
             knows keep their rows (matched by external id), new items start from their
