@@ -67,8 +67,8 @@ from mqsa.training.warm_start import load_warm_start_checkpoint, warm_start
 # `--loss auto` trains with the sampled loss above this many items. Measured on one thread
 # of the 2-core Intel Xeon (bench/sampled_step.py, docs/scaling.md "Sampled softmax"): an
 # exact step grows as N (0.34 s at 12,101 items, 1.9 s at 50,000, ~4 s at 100,000) while
-# a sampled one stays near 0.2 s to 10^5 items; on Beauty the sampled loss cost 7% of the
-# test NDCG@10. Past 10^5 items an exact epoch of 10^5 users takes ~25 minutes and a run
+# a sampled one stays near 0.2 s to 10^5 items; on Beauty the sampled loss cost 4.5% of the
+# test NDCG@10 (3 seeds). Past 10^5 items an exact epoch of 10^5 users takes ~25 minutes and a run
 # days, which no accuracy gain pays for on a CPU; below it the paper's loss is affordable.
 SAMPLED_ABOVE = 100_000
 LR_MIN_SHARE = 0.01  # the cosine schedule ends at lr / 100 (TrainConfig.lr_schedule)
