@@ -27,7 +27,7 @@ import torch
 from mqsa.models.mqsa import MQSA, MQSAConfig
 from mqsa.training.losses import LossSettings, TEDTeacher, mqsa_loss
 from mqsa.training.sampled_loss import NegativeSampler, sampled_mqsa_loss
-from mqsa.training.trainer import TrainConfig
+from mqsa.training.trainer import TrainConfig, densify_gradients
 from mqsa.training.transitions import TransitionGraph
 
 
@@ -81,9 +81,7 @@ def time_steps(n: int, loss: str, args: argparse.Namespace) -> float:
             value, _ = sampled_mqsa_loss(model, inputs, targets, ted, settings, sampler)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
-        for p in model.parameters():
-            if p.grad is not None and p.grad.is_sparse:
-                p.grad = p.grad.to_dense()
+        densify_gradients(model)
         optimizer.step()
         seconds.append(time.process_time() - start)
     return float(np.mean(seconds[1:]))
@@ -115,9 +113,7 @@ def time_data_steps(path: str, samples: int, steps: int) -> dict[str, float]:
         marks.append(time.process_time())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        for p in model.parameters():
-            if p.grad is not None and p.grad.is_sparse:
-                p.grad = p.grad.to_dense()
+        densify_gradients(model)
         marks.append(time.process_time())
         optimizer.step()
         marks.append(time.process_time())

@@ -189,11 +189,15 @@ class TrainConfig:
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
 
+    def lr_decay_length(self) -> int:
+        """The cosine schedule's length in epochs, resolved (0: a constant rate)."""
+        return (self.lr_decay_epochs or self.epochs) if self.lr_schedule == "cosine" else 0
+
     def lr_at(self, epoch: int) -> float:
         """The learning rate of epoch ``epoch`` (1-based) under ``lr_schedule``."""
-        if self.lr_schedule == "constant":
+        length = self.lr_decay_length()
+        if not length:
             return self.lr
-        length = self.lr_decay_epochs or self.epochs
         low = self.lr * LR_MIN_SHARE
         done = min(epoch - 1, length) / length  # 0 at the first epoch, 1 from epoch length + 1
         return low + (self.lr - low) * 0.5 * (1.0 + math.cos(math.pi * done))
@@ -207,14 +211,15 @@ class TrainConfig:
     def loss_settings(self, num_items: int = 0) -> LossSettings:
         """The objective's settings, as the loss takes them, for a catalogue of ``num_items``."""
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        sampled = self.objective(num_items) == "sampled"
         return LossSettings(
             lambda_kd=self.lambda_kd,
             tau=self.tau,
             l2=self.l2,
             chunk=self.chunk,
             dtype=dtype,
-            l2_in_optimizer=self.objective(num_items) == "sampled",  # the sampled loss's dense terms kept few
-            ted_samples=self.ted_samples if self.objective(num_items) == "sampled" else 0,
+            l2_in_optimizer=sampled,  # the sampled loss's dense terms kept few
+            ted_samples=self.ted_samples if sampled else 0,
         )
 
 
@@ -326,6 +331,14 @@ class Objective(nn.Module):
         if self.sampler is None:
             return mqsa_loss(self.model, inputs, targets, self.teacher, self.settings)
         return sampled_mqsa_loss(self.model, inputs, targets, self.teacher, self.settings, self.sampler)
+
+
+def densify_gradients(model: nn.Module) -> None:
+    """Make sparse gradients dense (sparse item lookups with nothing dense added): Adam
+    takes dense ones."""
+    for p in model.parameters():
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.to_dense()
 
 
 class StopTraining(Exception):
@@ -524,8 +537,9 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the examples in a fresh random order; returns the epoch's history row."""
         self.model.train()
+        lr = self.config.lr_at(epoch)
         for group in self.optimizer.param_groups:  # a function of the epoch: a resumed run agrees
-            group["lr"] = self.config.lr_at(epoch)
+            group["lr"] = lr
         started = time.perf_counter()
         order = self.rng.permutation(len(self.data.examples))
         size = self.config.batch_size
@@ -548,7 +562,7 @@ class Trainer:
         return {
             "epoch": epoch,
             "seconds": seconds,
-            "lr": self.config.lr_at(epoch),
+            "lr": lr,
             "loss": mean[0],
             "rec": mean[1],
             "kd": mean[2],
@@ -588,9 +602,7 @@ class Trainer:
         loss, values = self.objective(inputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # distributed: DDP averages the gradients over the processes meanwhile
-        for p in self.model.parameters():
-            if p.grad is not None and p.grad.is_sparse:  # sparse item lookups and nothing dense
-                p.grad = p.grad.to_dense()
+        densify_gradients(self.model)
         self.optimizer.step()
         return values
 
@@ -689,8 +701,7 @@ class Trainer:
         train_config = asdict(self.config)
         train_config["loss"] = self.config.objective(self.model_config.num_items)  # auto, resolved
         train_config["ted_samples"] = self.loss_settings.ted_samples  # the exact loss: 0, unused
-        cosine = self.config.lr_schedule == "cosine"  # its length, resolved: --epochs may change
-        train_config["lr_decay_epochs"] = (self.config.lr_decay_epochs or self.config.epochs) if cosine else 0
+        train_config["lr_decay_epochs"] = self.config.lr_decay_length()  # resolved: --epochs may change
         return {
             "train_config": train_config,
             "model_config": self.model_config.to_dict(),
