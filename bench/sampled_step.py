@@ -107,7 +107,8 @@ def time_data_steps(path: str, samples: int, steps: int) -> dict[str, float]:
     order = np.random.default_rng(0).permutation(len(data.examples))
     parts = np.zeros(3)
     for step in range(steps + 1):
-        inputs, targets = data.examples.batch(order[step * 256 : (step + 1) * 256], torch.device("cpu"))
+        rows = order[np.arange(step * 256, (step + 1) * 256) % len(order)]  # round again on small files
+        inputs, targets = data.examples.batch(rows, torch.device("cpu"))
         marks = [time.process_time()]
         loss, _ = sampled_mqsa_loss(model, inputs, targets, ted, settings, sampler)
         marks.append(time.process_time())
