@@ -1,31 +1,31 @@
-"""Hyperparameter sweeps on the validation split, and the table that compares them.
+"""Validation sweeps over a grid of settings, run by ``mqsa tune``, and the table that compares them.
 
-Not a test. Each run is the paper's MQSA-TED with some settings changed, trained
-like ``bench/reproduce.py`` (evaluation every epoch, patience on the validation
-NDCG@20) into ``bench/results/sweep/<data>-mqsa-ted-<tag>-seed<seed>/``; its
-metrics.json and history.csv are copied to ``docs/reproduction/sweep/`` (tracked)
-and the table ``docs/reproduction/sweep/README.md`` is rebuilt from every record.
+Not a test. A sweep is a grid study of the tuner (``mqsa tune --sampler grid``,
+training/tune.py, docs/tuning.md): the product of the ``--grid`` values, one study per
+seed, each combination one trial of MQSA-TED with the paper's settings otherwise,
+trained for at most ``--epochs`` with ``--patience`` on the validation NDCG@20, in
+``--jobs`` processes. Rerun, the same command goes on where it stopped: finished
+combinations are not run again and a stopped one goes on from its ``last.pt``.
 
-    python bench/sweep.py --data sports --grid tau=0.05,0.2 --threads 1
+    python bench/sweep.py --data sports --grid tau=0.05,0.2 --threads 2 --jobs 2
     python bench/sweep.py --data sports --grid lr=5e-4,2e-3 l2=1e-5
     python bench/sweep.py --table-only
     python bench/sweep.py --records docs/reproduction/sweep-h100 --grid lr=5e-4,1e-3   # a sweep of its own
 
-``--grid`` takes ``name=v1,v2`` per setting and runs their product; names are
-MQSAConfig or TrainConfig fields (``window`` sets one long branch's L).
+``--grid`` takes ``name=v1,v2`` per setting; names are MQSAConfig or TrainConfig fields
+(``window`` sets one long branch's L). The study of a seed is
+``bench/results/<records>/<data>-<grid>-seed<seed>/`` (study.db, trials/, report.md);
+each finished trial's metrics.json and history.csv are copied to the records folder
+(``docs/reproduction/sweep/`` unless ``--records``, tracked) as
+``<data>-mqsa-ted-<settings>-seed<seed>.json``/``.csv`` and its table README.md is rebuilt
+from every record there.
 
-``--records`` keeps a sweep apart from the others (one run on another device, say):
-its records and table go to that folder, and its own paper-settings run, if it has
-one, is the reference row instead of ``bench/reproduce.py``'s.
-
-``--resume`` goes on from ``last.pt`` for a run that was stopped, as in reproduce.py.
-
-For a search rather than a grid, use ``mqsa tune`` (docs/tuning.md): Optuna with pruning,
-resumable, several trials at once. This script stays for the hand sweeps recorded here.
-
-The table is sorted by the **validation** NDCG@20 of the selected epoch: that is
-the only number a setting may be chosen by. The test columns are shown so a
-reader can see what the choice costs or gains, never to choose.
+The table is sorted by the **validation** NDCG@20 of the selected epoch: that is the
+only number a setting may be chosen by. Trials never rank the test split, so a row
+made by this wrapper has no test numbers (shown as -). The rows recorded before the
+sweep ran through the tuner (this script's own loop, up to commit 7da8d8b:
+``git show 7da8d8b:bench/sweep.py``) carry the same epoch's test numbers, shown so a
+reader can see what a choice gave, never to choose; their records are read as they are.
 """
 
 from __future__ import annotations
@@ -34,22 +34,30 @@ import argparse
 import csv
 import itertools
 import json
+import shutil
 from pathlib import Path
+
+import optuna
 
 ROOT = Path(__file__).resolve().parents[1]  # the `mqsa` package itself comes installed (make setup)
 
-from reproduce import MODEL_FIELDS, SHORT, TRAIN_FIELDS, changed, shown, train_and_record  # noqa: E402
+from reproduce import DATA_DIR, MODEL_FIELDS, SHORT, TRAIN_FIELDS, changed, shown  # noqa: E402
+
+from mqsa.errors import MQSAError  # noqa: E402
+from mqsa.training.search_space import as_setting  # noqa: E402
+from mqsa.training.tune import TuneConfig, tune  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 RECORDS = ROOT / "docs" / "reproduction" / "sweep"
 REFERENCE = ROOT / "docs" / "reproduction"  # the paper-settings runs of bench/reproduce.py
 METRICS = ("HR@10", "NDCG@10", "NDCG@20")
 TEXT_FIELDS = {"linear_init"}  # settings whose values are words, not numbers
+STUDY = "sweep"
 
 
-def parse_grid(specs: list[str]) -> list[dict[str, float | int | str | tuple[int, ...]]]:
-    """``["tau=0.05,0.2", "lr=1e-3"]`` -> one settings dict per point of the product."""
-    axes: list[list[tuple[str, float | int | str | tuple[int, ...]]]] = []
+def parse_grid(specs: list[str]) -> dict[str, list[float | int | str]]:
+    """``["tau=0.05,0.2", "window=2,4"]`` -> ``{"tau": [0.05, 0.2], "windows": [2, 4]}``: a grid's axes."""
+    axes: dict[str, list[float | int | str]] = {}
     for spec in specs:
         name, sep, values = spec.partition("=")
         name = "windows" if name == "window" else name
@@ -58,10 +66,10 @@ def parse_grid(specs: list[str]) -> list[dict[str, float | int | str | tuple[int
         if name not in MODEL_FIELDS | TRAIN_FIELDS:
             known = sorted((MODEL_FIELDS | TRAIN_FIELDS | {"window"}) - {"windows"})
             raise SystemExit(f"--grid {spec!r}: unknown setting {name!r}; known: {', '.join(known)}")
-        points = []
+        points: list[float | int | str] = []
         for raw in values.split(","):
             if name in TEXT_FIELDS:
-                points.append((name, raw))
+                points.append(raw)
                 continue
             try:
                 value = float(raw)
@@ -70,10 +78,10 @@ def parse_grid(specs: list[str]) -> list[dict[str, float | int | str | tuple[int
             if name in ("windows", "time_span", "batch_size", "hidden_size", "num_blocks", "num_heads"):
                 if value != int(value):
                     raise SystemExit(f"--grid {spec!r}: {name} takes integers, got {raw!r}")
-                value = (int(value),) if name == "windows" else int(value)
-            points.append((name, value))
-        axes.append(points)
-    return [dict(point) for point in itertools.product(*axes)]
+                value = int(value)
+            points.append(value)
+        axes[name] = points
+    return axes
 
 
 def tag(settings: dict) -> str:
@@ -81,12 +89,43 @@ def tag(settings: dict) -> str:
     return "-".join(f"{SHORT.get(name, name)}{shown(value)}" for name, value in settings.items())
 
 
-def run(data: str, settings: dict, seed: int, args: argparse.Namespace, records: Path) -> None:
-    model_cfg = {k: v for k, v in settings.items() if k in MODEL_FIELDS}
-    train_cfg = {k: v for k, v in settings.items() if k in TRAIN_FIELDS}
-    print(f"== MQSA-TED on {data}, seed {seed}, {tag(settings)}", flush=True)
-    name = f"{data}-mqsa-ted-{tag(settings)}-seed{seed}"
-    train_and_record(data, name, model_cfg, train_cfg, seed, args, RESULTS / records.name, records)
+def grid_name(axes: dict[str, list[float | int | str]]) -> str:
+    """A folder-name tag for a whole grid: {"lr": [5e-4, 2e-3], "windows": [2]} -> "lr0.0005_0.002-L2"."""
+    return "-".join(f"{SHORT.get(n, n)}{'_'.join(shown(v) for v in values)}" for n, values in axes.items())
+
+
+def run_grid(data: str, axes: dict, seed: int, args: argparse.Namespace, records: Path) -> None:
+    """One seed's grid study (run or resumed), then its finished trials copied to ``records``."""
+    out = RESULTS / records.name / f"{data}-{grid_name(axes)}-seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    space = out / "space.json"
+    space.write_text(json.dumps({name: {"choices": values} for name, values in axes.items()}, indent=2))
+    size = len(list(itertools.product(*axes.values())))
+    print(f"== MQSA-TED on {data}, seed {seed}: {size} combinations -> {out}", flush=True)
+    config = TuneConfig(
+        trials=size,
+        epochs=args.epochs,
+        patience=args.patience,
+        jobs=args.jobs,
+        threads=args.threads,
+        study_name=STUDY,
+        space=str(space),
+        sampler="grid",
+        pruner="none",
+        seed=seed,
+    )
+    try:
+        tune(DATA_DIR / f"{data}.txt", out, config, progress=not args.quiet)
+    except MQSAError as exc:
+        raise SystemExit(f"sweep: {exc}") from exc
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'study.db'}")
+    records.mkdir(parents=True, exist_ok=True)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        settings = {name: as_setting(name, value) for name, value in trial.params.items()}
+        name = f"{data}-mqsa-ted-{tag(settings)}-seed{seed}"
+        trial_dir = out / "trials" / f"{STUDY}-{trial.number:04d}"
+        shutil.copyfile(trial_dir / "metrics.json", records / f"{name}.json")
+        shutil.copyfile(trial_dir / "history.csv", records / f"{name}.csv")
 
 
 def build_table(records_dir: Path = RECORDS) -> str:
@@ -96,7 +135,8 @@ def build_table(records_dir: Path = RECORDS) -> str:
         "Made by `python bench/sweep.py` (see its docstring). MQSA-TED with the paper's settings",
         "except the ones named, one seed per row; rows are sorted by the validation NDCG@20 of",
         "the selected epoch, **the only column a setting is chosen by**. Test columns are the",
-        "same epoch's, shown to say what a choice gives, never to choose.",
+        "same epoch's, shown to say what a choice gives, never to choose; rows run through",
+        "`mqsa tune --sampler grid` have none (-): its trials never rank the test split.",
         "",
     ]
     records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*-seed*.json"))]
@@ -132,7 +172,7 @@ def build_table(records_dir: Path = RECORDS) -> str:
             lines.append(
                 f"| {changed(r, reference)} | {r['valid']['NDCG@20']:.4f} | "
                 f"{r['best_epoch']}/{r['epochs_run']} | "
-                + " | ".join(f"{r['test'][m]:.4f}" for m in METRICS)
+                + " | ".join(f"{r['test'][m]:.4f}" if r.get("test") else "-" for m in METRICS)
                 + f" | {r['seconds_per_epoch']:.1f} | {r['train_config']['threads'] or 'all'} | {hardware(r)} |"
             )
         lines.append("")
@@ -190,14 +230,17 @@ def main() -> None:
     )
     parser.add_argument("--data", default="sports", choices=["beauty", "sports"])
     parser.add_argument("--grid", nargs="+", default=[], help="name=v1,v2 ... (their product is run)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="one grid study per seed")
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--patience", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads in all (0 = every core)")
+    parser.add_argument("--jobs", type=int, default=1, help="combinations at once, the threads divided")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument(
-        "--resume", action="store_true", help="runs with a last.pt in bench/results go on from it"
+        "--resume",
+        action="store_true",
+        help="accepted so that the commands recorded in docs/ still run: a sweep always resumes",
     )
     parser.add_argument(
         "--records", type=Path, default=RECORDS, help=f"folder for the records and table (default {RECORDS})"
@@ -207,10 +250,10 @@ def main() -> None:
     if not args.table_only:
         if not args.grid:
             parser.error("--grid is required unless --table-only")
-        for settings in parse_grid(args.grid):
-            for seed in args.seeds:
-                run(args.data, settings, seed, args, records)
-                write_table(records)
+        axes = parse_grid(args.grid)
+        for seed in args.seeds:
+            run_grid(args.data, axes, seed, args, records)
+            write_table(records)
     print(write_table(records).read_text())
 
 

@@ -22,7 +22,12 @@ MQSAConfig or TrainConfig field but those of SEARCH_EXCLUDED):
     [dropout]               # not searched: every trial uses 0.5
     value = 0.5
 
-An integer setting's range may have a ``step``. Every entry is checked when the file
+An integer setting's range may have a ``step``.
+
+A grid (``mqsa tune --sampler grid``) runs every combination of the space file's
+choices once: its space is the file's entries only (the default ranges do not
+apply; the settings it does not name come from the base), and each searched entry
+must be a list of choices, not a range. Every entry is checked when the file
 is read (its name, its keys, that low < high, that every bound is a valid value of
 its setting): a ConfigError names the file and the setting. Settings that do not go
 together (``num_heads`` that does not divide ``hidden_size``) fail their trial only.
@@ -30,6 +35,7 @@ together (``num_heads`` that does not divide ``hidden_size``) fail their trial o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,20 +136,30 @@ class SearchSpace:
     params: tuple[Param, ...] = DEFAULT_PARAMS
 
     @classmethod
-    def from_file(cls, path: str | Path | None) -> SearchSpace:
+    def from_file(cls, path: str | Path | None, grid: bool = False) -> SearchSpace:
         """The default space with a space file's entries on top (None: the default space).
+
+        With ``grid``, the file's entries alone, each searched one a list of choices.
 
         Raises:
             DataError: the file is missing or not TOML/JSON.
-            ConfigError: an unknown setting or key, or a bad bound, naming it.
+            ConfigError: an unknown setting or key, or a bad bound, naming it; for a
+                grid, no file, a range, or no setting with choices.
         """
         if path is None:
+            if grid:
+                raise ConfigError(
+                    "a grid needs a space file (--space) with the choices of each setting to vary"
+                )
             return cls()
-        return cls.from_table(load_table(path), str(path))
+        return cls.from_table(load_table(path), str(path), grid)
 
     @classmethod
-    def from_table(cls, table: dict[str, Any], where: str) -> SearchSpace:
-        """The default space with ``table``'s entries on top; ``where`` names the source in errors."""
+    def from_table(cls, table: dict[str, Any], where: str, grid: bool = False) -> SearchSpace:
+        """The default space (none for a ``grid``) with ``table``'s entries on top.
+
+        ``where`` names the source in errors.
+        """
         types_ = setting_types()
         searchable = [n for n in types_ if n not in SEARCH_EXCLUDED]
         unknown = sorted(set(table) - set(searchable))
@@ -152,10 +168,19 @@ class SearchSpace:
                 f"{where}: unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
                 f"(searchable: {', '.join(searchable)})"
             )
-        params = {p.name: p for p in DEFAULT_PARAMS}
+        params = {} if grid else {p.name: p for p in DEFAULT_PARAMS}
         for name, entry in table.items():
             params[name] = parse_entry(name, entry, types_[name], where)
-        return cls(tuple(params.values()))
+        space = cls(tuple(params.values()))
+        if grid:
+            ranges = [p.name for p in space.searched() if p.choices is None]
+            if ranges:
+                raise ConfigError(
+                    f"{where}: a grid takes choices or a value, not a range: {', '.join(ranges)}"
+                )
+            if not space.searched():
+                raise ConfigError(f"{where}: a grid needs at least one setting with choices")
+        return space
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         """Every entry's value for ``trial``, as config fields take them (``windows`` a tuple)."""
@@ -163,6 +188,14 @@ class SearchSpace:
 
     def searched(self) -> list[Param]:
         return [p for p in self.params if p.searched]
+
+    def grid(self) -> dict[str, list[Any]]:
+        """Each searched setting's choices, as Optuna's GridSampler takes them (a grid's space)."""
+        return {p.name: list(p.choices or ()) for p in self.searched()}
+
+    def grid_size(self) -> int:
+        """The number of combinations of a grid's choices."""
+        return math.prod(len(choices) for choices in self.grid().values())
 
 
 def as_setting(name: str, value: Any) -> Any:

@@ -3,10 +3,11 @@
     summary = tune(data_path, out_dir, TuneConfig(trials=60, jobs=2), base={"max_len": 50})
 
 A *study* of *trials*. Each trial trains MQSA-TED (:class:`Trainer`) with settings a
-seeded TPE sampler draws from the search space (``training.search_space``) on top
-of the base settings, for at most ``epochs`` epochs, and reports every epoch's
-validation NDCG@20 to a pruner (median or Hyperband) through the trainer's
-``on_epoch`` callback; the pruner stops unpromising trials early. A trial's value
+seeded TPE sampler draws from the search space (``training.search_space``), or the
+next combination of a grid's choices (``sampler="grid"``), on top of the base
+settings, for at most ``epochs`` epochs, and reports every epoch's validation
+NDCG@20 to a pruner (median or Hyperband) through the trainer's ``on_epoch``
+callback; the pruner stops unpromising trials early. A trial's value
 is its best validation NDCG@20. Trials never rank the test split
 (``Trainer(..., evaluate_test=False)``), so nothing the search decides can depend on it.
 
@@ -34,11 +35,12 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 import socket
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal
@@ -87,6 +89,9 @@ class TuneConfig:
         study_name: the study's name in the storage.
         space: a TOML or JSON file that narrows, widens or fixes the searched settings
             (docs/tuning.md; none: the default space).
+        sampler: tpe (draws settings where the finished trials say good ones are) or grid
+            (every combination of the space file's choices once, in at most --trials trials;
+            the default ranges do not apply).
         pruner: median (a trial below the median of earlier trials at the same epoch
             stops), hyperband, or none.
         startup_trials: trials drawn at random before TPE takes over (and before the
@@ -110,6 +115,7 @@ class TuneConfig:
     storage: str | None = None
     study_name: str = "mqsa"
     space: str | None = None
+    sampler: Literal["tpe", "grid"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     startup_trials: int = 8
     warmup_epochs: int = 5
@@ -129,10 +135,16 @@ class TuneConfig:
             raise ConfigError(f"final_epochs must be >= 1, got {self.final_epochs}")
         if self.final_patience is not None and self.final_patience < 0:
             raise ConfigError(f"final_patience must be >= 0, got {self.final_patience}")
+        if self.sampler not in ("tpe", "grid"):
+            raise ConfigError(f"sampler must be tpe or grid, got {self.sampler!r}")
         if self.pruner not in ("median", "hyperband", "none"):
             raise ConfigError(f"pruner must be median, hyperband or none, got {self.pruner!r}")
         if not self.study_name:
             raise ConfigError("study_name must not be empty")
+
+    def wanted_trials(self, space: SearchSpace) -> int:
+        """The finished trials the study should hold: ``trials``, or a smaller grid's size."""
+        return min(self.trials, space.grid_size()) if self.sampler == "grid" else self.trials
 
     def threads_per_job(self, jobs: int) -> int:
         """Each of ``jobs`` processes' share of the CPU threads (at least 1)."""
@@ -198,7 +210,7 @@ def tune(
     """
     started = time.time()
     config = config or TuneConfig()
-    space = SearchSpace.from_file(config.space)
+    space = SearchSpace.from_file(config.space, grid=config.sampler == "grid")
     check_base(data_path, dict(base or {}))
     job = TuneJob(
         data_path=Path(data_path),
@@ -268,8 +280,10 @@ def make_pruner(config: TuneConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def make_sampler(config: TuneConfig, seed: int) -> optuna.samplers.BaseSampler:
-    """TPE, seeded, after ``startup_trials`` random trials."""
+def make_sampler(config: TuneConfig, space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
+    """TPE, seeded, after ``startup_trials`` random trials; or the grid of ``space``'s choices."""
+    if config.sampler == "grid":  # skips the combinations the study has run, earlier runs' included
+        return optuna.samplers.GridSampler(space.grid(), seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.startup_trials)
 
 
@@ -285,7 +299,7 @@ def open_study(job: TuneJob) -> optuna.Study:
         storage=make_storage(job.storage_url),
         study_name=config.study_name,
         direction="maximize",
-        sampler=make_sampler(config, config.seed),
+        sampler=make_sampler(config, job.space, config.seed),
         pruner=make_pruner(config),
         load_if_exists=True,
     )
@@ -324,6 +338,7 @@ def queue_trial_again(study: optuna.Study, trial: FrozenTrial) -> None:
             params=trial.params,
             distributions=trial.distributions,
             system_attrs={"failed_trial": history[0], "retry_history": history},
+            user_attrs={"repeats": trial.number},  # the repeat goes on from this one's last.pt
         )
     )
 
@@ -368,7 +383,7 @@ def left_running(trial: FrozenTrial) -> bool:
 def run_jobs(job: TuneJob, study: optuna.Study, started: float) -> None:
     """Run the trials still missing: in this process (one job), or in ``jobs`` processes."""
     config = job.config
-    missing = config.trials - len(study.get_trials(deepcopy=False, states=FINISHED))
+    missing = config.wanted_trials(job.space) - len(study.get_trials(deepcopy=False, states=FINISHED))
     if missing <= 0:
         return
     jobs = min(config.jobs, missing)
@@ -392,7 +407,7 @@ def run_worker(job: TuneJob) -> None:
     study = open_study(job)
     # A resumed run must not draw its predecessor's random settings again: the seed moves on.
     seed = job.config.seed + 1000 * job.worker + len(study.get_trials(deepcopy=False))
-    study.sampler = make_sampler(job.config, seed)
+    study.sampler = make_sampler(job.config, job.space, seed)
     timeout = None
     if job.deadline is not None:
         timeout = job.deadline - time.time()
@@ -403,7 +418,7 @@ def run_worker(job: TuneJob) -> None:
         n_trials=job.trials,
         timeout=timeout,
         catch=(ConfigError,),  # settings that do not go together (heads vs hidden size): FAIL, go on
-        callbacks=[optuna.study.MaxTrialsCallback(job.config.trials, states=FINISHED)],
+        callbacks=[optuna.study.MaxTrialsCallback(job.config.wanted_trials(job.space), states=FINISHED)],
         gc_after_trial=False,
     )
 
@@ -414,11 +429,17 @@ class PrunerFeed:
 
     Attributes:
         trial: the running trial.
+        earlier: the scores a repeated trial's predecessor reported, by epoch: reported
+            first, up to the epoch the repeat resumed after.
     """
 
     trial: optuna.Trial
+    earlier: dict[int, float] = field(default_factory=dict)
 
     def __call__(self, epoch: int, valid: dict[str, float]) -> None:
+        for step in sorted(step for step in self.earlier if step < epoch):
+            self.trial.report(self.earlier.pop(step), step=step)
+        self.earlier.clear()
         self.trial.report(valid[SELECT_METRIC], step=epoch)
         if self.trial.should_prune():
             raise StopTraining(f"pruned after epoch {epoch}")
@@ -452,12 +473,9 @@ class TrialRun:
         model_config, train = split_settings({**job.base, **drawn})
         budget = {"epochs": job.config.epochs, "patience": job.config.patience, "seed": job.config.seed}
         config = TrainConfig(**(train | budget | {"threads": job.threads}))
-        out = job.out_dir / "trials" / f"{job.config.study_name}-{trial.number:04d}"
+        out = trial_dir(job, trial.number)
         started = time.perf_counter()
-        trainer = Trainer(
-            job.data_path, out, model_config, config, False, PrunerFeed(trial), evaluate_test=False
-        )
-        metrics = trainer.fit()
+        trainer, metrics = self._train(trial, out, model_config, config)
         for checkpoint in ("best.pt", "last.pt"):  # a trial's weights are not kept: the final runs retrain
             (out / checkpoint).unlink(missing_ok=True)
         seconds = time.perf_counter() - started
@@ -474,6 +492,54 @@ class TrialRun:
         if trainer.stopped:
             raise optuna.TrialPruned(trainer.stopped)
         return value
+
+    def _train(
+        self, trial: optuna.Trial, out: Path, model_config: dict[str, Any], config: TrainConfig
+    ) -> tuple[Trainer, dict[str, Any]]:
+        """Train the trial into ``out``, going on from its predecessor's ``last.pt`` if it repeats one."""
+        job = self.job
+        earlier = take_over(job, trial, out)
+        if earlier is not None:
+            trainer = Trainer(
+                job.data_path,
+                out,
+                model_config,
+                config,
+                False,
+                PrunerFeed(trial, earlier),
+                evaluate_test=False,
+            )
+            try:
+                return trainer, trainer.fit(resume=True)
+            except ResumeError:  # its last.pt does not fit (the base settings changed): start again
+                pass
+        trainer = Trainer(
+            job.data_path, out, model_config, config, False, PrunerFeed(trial), evaluate_test=False
+        )
+        return trainer, trainer.fit()
+
+
+def trial_dir(job: TuneJob, number: int) -> Path:
+    """Trial ``number``'s folder: its metrics, history and curves (and last.pt while it runs)."""
+    return job.out_dir / "trials" / f"{job.config.study_name}-{number:04d}"
+
+
+def take_over(job: TuneJob, trial: optuna.Trial, out: Path) -> dict[int, float] | None:
+    """Let a repeated trial go on from where its predecessor stopped.
+
+    When the trial repeats one (``queue_trial_again``) that left a ``last.pt``, that
+    folder is copied to ``out`` and the predecessor's reported scores are returned
+    (the pruner is given them again); None when there is nothing to go on from.
+    """
+    repeats = trial.user_attrs.get("repeats")
+    if repeats is None:
+        return None
+    before = trial_dir(job, repeats)
+    if not (before / "last.pt").is_file():
+        return None
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(before, out)
+    return dict(trial.study.trials[repeats].intermediate_values)
 
 
 def trial_line(

@@ -88,12 +88,19 @@ def overview(job: TuneJob, trials: list[FrozenTrial], wall_seconds: float) -> st
         + (f"; {others}" if others else "")
         + f"; {duration(trial_seconds)} of trial time in all; this run took {duration(wall_seconds)}",
         f"- each trial: at most {config.epochs} epochs (patience {config.patience}), seed {config.seed}, "
-        f"{pruner}; TPE after {config.startup_trials} random trials; {config.jobs} job(s)",
+        f"{pruner}; {sampler_text(job)}; {config.jobs} job(s)",
         f"- a trial's value is its best validation {SELECT_METRIC}; trials never rank the test split",
     ]
     if job.base:
         lines.append("- base settings: " + ", ".join(f"`{k} = {_cell(v)}`" for k, v in job.base.items()))
     return "\n".join(lines) + "\n"
+
+
+def sampler_text(job: TuneJob) -> str:
+    """How the trials' settings were chosen: TPE after random trials, or a grid of N combinations."""
+    if job.config.sampler == "grid":
+        return f"a grid of {job.space.grid_size()} combinations, each run once"
+    return f"TPE after {job.config.startup_trials} random trials"
 
 
 def space_table(job: TuneJob, best: dict[str, Any] | None) -> str:

@@ -145,6 +145,31 @@ def test_trials_a_stopped_tune_left_behind_are_run_again(synthetic_data, base_fi
     assert "repeats #1" in report and "repeats #3" in report
 
 
+def test_a_trial_stopped_by_ctrl_c_goes_on_from_its_last_epoch(synthetic_data, tmp_path, monkeypatch) -> None:
+    config = TuneConfig(trials=1, epochs=3, threads=1, pruner="none")
+    tune(synthetic_data, tmp_path / "whole", config, TINY, progress=False)
+    report = tune_module.PrunerFeed.__call__
+
+    def ctrl_c_after_epoch_2(feed: tune_module.PrunerFeed, epoch: int, valid: dict[str, float]) -> None:
+        report(feed, epoch, valid)
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune_module.PrunerFeed, "__call__", ctrl_c_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        tune(synthetic_data, tmp_path / "stopped", config, TINY, progress=False)
+    monkeypatch.undo()
+    assert (tmp_path / "stopped" / "trials" / "mqsa-0000" / "last.pt").is_file()
+    tune(synthetic_data, tmp_path / "stopped", config, TINY, progress=False)  # the same command again
+    (whole,) = load(tmp_path / "whole").trials
+    stopped, again = load(tmp_path / "stopped").trials
+    assert stopped.state == TrialState.FAIL and again.user_attrs["repeats"] == 0
+    metrics = json.loads((tmp_path / "stopped" / "trials" / "mqsa-0001" / "metrics.json").read_text())
+    assert metrics["resumed_at"] == [2] and metrics["epochs_run"] == 3  # went on, did not start again
+    assert again.params == whole.params and again.value == whole.value  # as if never stopped
+    assert again.intermediate_values == whole.intermediate_values  # the pruner saw epochs 1-2 again
+
+
 def test_settings_that_do_not_go_together_fail_their_trial_only(synthetic_data, base_file, tmp_path) -> None:
     space = write_space(tmp_path, "[num_heads]\nchoices = [3]\n")  # a valid value, but 16 / 3 is not whole
     out = tmp_path / "tune"
@@ -211,6 +236,47 @@ def write_space(tmp_path: Path, text: str, suffix: str = ".toml") -> Path:
     return path
 
 
+def test_a_grid_runs_every_combination_once_and_a_rerun_adds_none(
+    synthetic_data, base_file, tmp_path
+) -> None:
+    space = write_space(
+        tmp_path, "[lr]\nchoices = [1e-3, 2e-3]\n[windows]\nchoices = [1, 2]\n[alpha]\nvalue = 0.3\n"
+    )
+    out = tmp_path / "tune"
+    grid = ["--sampler", "grid", "--space", str(space), "--pruner", "none", "--trials", "10"]
+    assert main(tune_args(synthetic_data, out, base_file, *grid)) == 0
+    trials = load(out).trials
+    assert sorted((t.params["lr"], t.params["windows"]) for t in trials) == [
+        (1e-3, 1),
+        (1e-3, 2),
+        (2e-3, 1),
+        (2e-3, 2),
+    ]  # 4 combinations, not --trials 10; the other settings are the base's, not the default ranges'
+    assert all(set(t.params) == {"lr", "windows"} and t.state == TrialState.COMPLETE for t in trials)
+    assert main(tune_args(synthetic_data, out, base_file, *grid)) == 0
+    assert len(load(out).trials) == 4  # the same command again: the grid is done
+    best = read_settings_file(out / "best.toml")
+    assert best["alpha"] == 0.3 and "lambda_kd" not in best  # fixed value kept, no default range drawn
+    assert "a grid of 4 combinations, each run once" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "a grid needs a space file (--space) with the choices of each setting to vary"),
+        (
+            "[lr]\nlow = 1e-4\nhigh = 1e-3\n[tau]\nchoices = [0.1]\n",
+            "a grid takes choices or a value, not a range: lr",
+        ),
+        ("[dropout]\nvalue = 0.5\n", "a grid needs at least one setting with choices"),
+    ],
+)
+def test_a_grid_without_choices_is_a_config_error(tmp_path, text: str | None, message: str) -> None:
+    path = None if text is None else write_space(tmp_path, text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        SearchSpace.from_file(path, grid=True)
+
+
 def test_a_space_file_narrows_widens_and_fixes_the_search(tmp_path) -> None:
     entries = {
         "lr": {"low": 5e-4, "high": 2e-3, "log": True},
@@ -266,7 +332,15 @@ def test_a_bad_space_file_stops_the_command_in_one_line(synthetic_data, base_fil
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("trials", 0), ("epochs", 0), ("jobs", 0), ("timeout", -1.0), ("final_epochs", 0)]
+    ("field", "value"),
+    [
+        ("trials", 0),
+        ("epochs", 0),
+        ("jobs", 0),
+        ("timeout", -1.0),
+        ("final_epochs", 0),
+        ("sampler", "random"),
+    ],
 )
 def test_bad_tune_settings_are_config_errors_naming_them(field: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=field):
