@@ -493,10 +493,12 @@ class Trainer:
         }
         state = load_run_state(self.out_dir / "last.pt", self._fingerprint(), defaults)
         self.model.load_state_dict(state.model)
-        decay = self.optimizer.param_groups[0]["weight_decay"]
+        # What this version decides, not the saved state: the L2 in Adam (a state saved before
+        # the sampled loss's L2 moved into Adam) and the fused kernel (one saved before it).
+        mine = {k: self.optimizer.param_groups[0][k] for k in ("weight_decay", "fused")}
         self.optimizer.load_state_dict(state.optimizer)
-        for group in self.optimizer.param_groups:  # a run saved before the sampled loss's L2 moved into Adam
-            group["weight_decay"] = decay
+        for group in self.optimizer.param_groups:
+            group.update(mine)
         restore_rng(state, self.rng)
         self.history, self.best, self.best_state, self.stale = (
             state.history,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mqsa.errors import ResumeError
-from mqsa.training.trainer import TrainConfig, train
+from mqsa.training.trainer import TrainConfig, Trainer, train
 
 SMALL = {"max_len": 10, "hidden_size": 16}
 CONFIG = TrainConfig(epochs=4, batch_size=256, seed=5, threads=1)
@@ -90,3 +90,15 @@ def test_a_run_state_from_before_a_setting_existed_resumes_with_its_default(synt
         )
     resumed = train(synthetic_data, tmp_path, SMALL, replace(CONFIG, epochs=2), progress=False, resume=True)
     assert resumed["epochs_run"] == 2 and resumed["resumed_at"] == [1]
+
+
+def test_a_run_state_saved_before_fused_adam_resumes_fused(synthetic_data, tmp_path) -> None:
+    """The saved optimizer groups carry `fused`; one saved before Adam ran fused must not turn it off."""
+    train(synthetic_data, tmp_path, SMALL, replace(CONFIG, epochs=1), progress=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = None  # what torch saved for an Adam made without fused=True
+    torch.save(state, tmp_path / "last.pt")
+    trainer = Trainer(synthetic_data, tmp_path, SMALL, replace(CONFIG, epochs=2), progress=False)
+    assert trainer.fit(resume=True)["resumed_at"] == [1]
+    assert all(group["fused"] is True for group in trainer.optimizer.param_groups)
