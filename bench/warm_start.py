@@ -29,6 +29,12 @@ fractions of the target score, the first epoch each run reaches it.
     python bench/warm_start.py --stage scratch --threads 1
     python bench/warm_start.py --stage warm --threads 1      # after `old` has finished
     python bench/warm_start.py --stage report                # JSON + markdown table
+
+``--drop N`` (default 3) makes yesterday's data every sequence without its last N items:
+``--drop 1`` is closer to a nightly run's change. Its runs are ``old-drop1`` and
+``warm-drop1`` and its record ``warm-start-beauty-drop1.json``; the scratch run (today's
+data, which ``--drop`` does not change) is shared, and when its folder is gone (another
+machine) the report takes its per-epoch curve from the ``--drop 3`` record.
 """
 
 from __future__ import annotations
@@ -105,7 +111,20 @@ def train_run(
     print(f"{name}: best epoch {metrics['best_epoch']}, valid NDCG@20 {metrics['valid']['NDCG@20']:.4f}")
 
 
+def run_names(drop: int) -> tuple[str, str]:
+    """The old and warm runs' folders for yesterday's data without each user's last ``drop`` items."""
+    suffix = "" if drop == DROP else f"-drop{drop}"
+    return f"old{suffix}", f"warm{suffix}"
+
+
+def record_path(drop: int) -> Path:
+    return RECORD if drop == DROP else RECORD.with_name(f"warm-start-beauty-drop{drop}.json")
+
+
 def history(name: str) -> list[dict[str, float]]:
+    if name == "scratch" and not (RESULTS / name).exists():  # run on another machine: its recorded curve
+        curve = json.loads(RECORD.read_text())["curves"]["scratch"]
+        return [{"epoch": e, "seconds": s, **({METRIC: v} if v is not None else {})} for e, s, v in curve]
     with open(RESULTS / name / "history.csv", newline="") as f:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
@@ -131,6 +150,8 @@ def run_record(name: str) -> dict:
     path = RESULTS / name / "metrics.json"
     if path.exists():
         return {**json.loads(path.read_text()), "finished": True}
+    if name == "scratch" and not (RESULTS / name).exists():  # run on another machine: its record
+        return {**json.loads(RECORD.read_text())["runs"]["scratch"], "from_record": str(RECORD)}
     import torch
 
     state = torch.load(RESULTS / name / "last.pt", map_location="cpu", weights_only=False)
@@ -149,7 +170,7 @@ def run_record(name: str) -> dict:
     }
 
 
-def initial_valid() -> dict[str, float]:
+def initial_valid(old_name: str) -> dict[str, float]:
     """Validation metrics of the warm-started network before its first step (epoch 0)."""
     import tempfile
 
@@ -159,15 +180,17 @@ def initial_valid() -> dict[str, float]:
 
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(DATA, out, None, TrainConfig(threads=1, device="cpu", seed=42), progress=False)
-        old = load_warm_start_checkpoint(RESULTS / "old" / "best.pt")
+        old = load_warm_start_checkpoint(RESULTS / old_name / "best.pt")
         warm_start(trainer.model, old, trainer.data.vocab.item_ids, trainer.data.graph)
         return evaluate_model(trainer.model, trainer.data.eval_sets["valid"])
 
 
-def report() -> dict:
-    """Compare the three runs; write ``RECORD`` and print a markdown table."""
-    metrics = {n: run_record(n) for n in ("old", "scratch", "warm")}
-    rows = {n: history(n) for n in metrics}
+def report(drop: int = DROP, warm_name: str | None = None) -> dict:
+    """Compare the three runs; write the record of ``drop`` and print a markdown table."""
+    old_name, default_warm = run_names(drop)
+    names = {"old": old_name, "scratch": "scratch", "warm": warm_name or default_warm}
+    metrics = {role: run_record(name) for role, name in names.items()}
+    rows = {role: history(name) for role, name in names.items()}
     target = metrics["scratch"]["valid"]["NDCG@20"]
     scratch_at = first_reaching(rows["scratch"], target)
     warm_at = first_reaching(rows["warm"], target)
@@ -184,7 +207,8 @@ def report() -> dict:
     )
     result = {
         "data": str(DATA),
-        "drop_last_events": DROP,
+        "drop_last_events": drop,
+        "run_folders": names,
         "machine": machine(),
         "threads": metrics["scratch"]["train_config"]["threads"],
         "target_valid_NDCG@20": target,
@@ -198,12 +222,13 @@ def report() -> dict:
         },
         "old_train_seconds_to_best": first_reaching(rows["old"], metrics["old"]["valid"]["NDCG@20"]),
         "warm_start": metrics["warm"].get("warm_start"),
-        "warm_epoch0_valid": initial_valid(),
+        "warm_epoch0_valid": initial_valid(old_name),
         "runs": {n: {k: m.get(k) for k in keys} for n, m in metrics.items()},
         "curves": {n: [(int(r["epoch"]), r["seconds"], r.get(METRIC)) for r in rows[n]] for n in rows},
     }
-    RECORD.parent.mkdir(parents=True, exist_ok=True)
-    RECORD.write_text(json.dumps(result, indent=2) + "\n")
+    record = record_path(drop)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
     return result
 
@@ -236,21 +261,28 @@ def main() -> None:
     parser.add_argument(
         "--decay-epochs", type=int, default=None, help="warm stage: a cosine schedule over this many epochs"
     )
-    parser.add_argument("--name", default="warm", help="warm stage: the run's folder under the results")
+    parser.add_argument(
+        "--name", default=None, help="warm stage and report: the warm run's folder (default warm[-dropN])"
+    )
+    parser.add_argument(
+        "--drop",
+        type=int,
+        default=DROP,
+        help=f"yesterday's data lacks each user's last N items (default {DROP})",
+    )
     args = parser.parse_args()
+    old_name, warm_name = run_names(args.drop)
     if args.stage == "report":
-        report()
-        return
-    old_data = RESULTS / "old-data" / "sequences.txt"
-    if args.stage == "old":
-        train_run("old", make_old_data(DATA, old_data.parent), args.threads, args.patience, None)
+        report(args.drop, args.name)
+    elif args.stage == "old":
+        old_data = RESULTS / f"{old_name}-data"
+        train_run(old_name, make_old_data(DATA, old_data, args.drop), args.threads, args.patience, None)
     elif args.stage == "scratch":
         train_run("scratch", DATA, args.threads, args.patience, None)
     else:
-        old_best = RESULTS / "old" / "best.pt"
-        train_run(
-            args.name, DATA, args.threads, args.patience, old_best, args.lr, args.epochs, args.decay_epochs
-        )
+        old_best = RESULTS / old_name / "best.pt"
+        name = args.name or warm_name
+        train_run(name, DATA, args.threads, args.patience, old_best, args.lr, args.epochs, args.decay_epochs)
 
 
 if __name__ == "__main__":

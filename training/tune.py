@@ -528,7 +528,7 @@ def take_over(job: TuneJob, trial: optuna.Trial, out: Path) -> dict[int, float] 
     """Let a repeated trial go on from where its predecessor stopped.
 
     When the trial repeats one (``queue_trial_again``) that left a ``last.pt``, that
-    folder is copied to ``out`` and the predecessor's reported scores are returned
+    folder is copied to ``out`` (its weights moved) and the predecessor's reported scores are returned
     (the pruner is given them again); None when there is nothing to go on from.
     """
     repeats = trial.user_attrs.get("repeats")
@@ -539,6 +539,8 @@ def take_over(job: TuneJob, trial: optuna.Trial, out: Path) -> dict[int, float] 
         return None
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(before, out)
+    for weights in before.glob("*.pt"):  # they live on in the repeat's folder
+        weights.unlink()
     return dict(trial.study.trials[repeats].intermediate_values)
 
 

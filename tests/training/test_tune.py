@@ -168,6 +168,7 @@ def test_a_trial_stopped_by_ctrl_c_goes_on_from_its_last_epoch(synthetic_data, t
     assert metrics["resumed_at"] == [2] and metrics["epochs_run"] == 3  # went on, did not start again
     assert again.params == whole.params and again.value == whole.value  # as if never stopped
     assert again.intermediate_values == whole.intermediate_values  # the pruner saw epochs 1-2 again
+    assert not list((tmp_path / "stopped" / "trials").rglob("*.pt"))  # moved on, then removed at the end
 
 
 def test_settings_that_do_not_go_together_fail_their_trial_only(synthetic_data, base_file, tmp_path) -> None:
