@@ -25,7 +25,9 @@ only number a setting may be chosen by. Trials never rank the test split, so a r
 made by this wrapper has no test numbers (shown as -). The rows recorded before the
 sweep ran through the tuner (this script's own loop, up to commit 7da8d8b:
 ``git show 7da8d8b:bench/sweep.py``) carry the same epoch's test numbers, shown so a
-reader can see what a choice gave, never to choose; their records are read as they are.
+reader can see what a choice gave, never to choose; their records are read as they are,
+and a rerun of the same settings and seed leaves them in place (its record stays in
+the study's folder).
 """
 
 from __future__ import annotations
@@ -124,6 +126,10 @@ def run_grid(data: str, axes: dict, seed: int, args: argparse.Namespace, records
         settings = {name: as_setting(name, value) for name, value in trial.params.items()}
         name = f"{data}-mqsa-ted-{tag(settings)}-seed{seed}"
         trial_dir = out / "trials" / f"{STUDY}-{trial.number:04d}"
+        earlier = records / f"{name}.json"
+        if earlier.exists() and json.loads(earlier.read_text()).get("test"):  # recorded before the tuner
+            print(f"   kept {earlier.name} (an earlier record, with test numbers); this run's: {trial_dir}")
+            continue
         shutil.copyfile(trial_dir / "metrics.json", records / f"{name}.json")
         shutil.copyfile(trial_dir / "history.csv", records / f"{name}.csv")
 

@@ -495,10 +495,12 @@ class Trainer:
         self.model.load_state_dict(state.model)
         # What this version decides, not the saved state: the L2 in Adam (a state saved before
         # the sampled loss's L2 moved into Adam) and the fused kernel (one saved before it).
+        # Set in the saved groups before loading: the fused flag also says where Adam's step
+        # counts go (on the parameters' device when fused).
         mine = {k: self.optimizer.param_groups[0][k] for k in ("weight_decay", "fused")}
-        self.optimizer.load_state_dict(state.optimizer)
-        for group in self.optimizer.param_groups:
+        for group in state.optimizer["param_groups"]:
             group.update(mine)
+        self.optimizer.load_state_dict(state.optimizer)
         restore_rng(state, self.rng)
         self.history, self.best, self.best_state, self.stale = (
             state.history,

@@ -288,10 +288,11 @@ def make_sampler(config: TuneConfig, space: SearchSpace, seed: int) -> optuna.sa
 
 
 def open_study(job: TuneJob) -> optuna.Study:
-    """Create the study, or load it; refuse one made for other data.
+    """Create the study, or load it; refuse one made for other data or another grid.
 
     Raises:
-        ConfigError: the study in the storage was made for a file with another sha256.
+        ConfigError: the study in the storage was made for a file with another sha256,
+            or one of a grid and the other not, or of another grid.
     """
     quiet_optuna()
     config = job.config
@@ -313,7 +314,33 @@ def open_study(job: TuneJob) -> optuna.Study:
             f"({study.user_attrs.get('data_path')}, sha256 {made_for[:12]}); "
             f"give another --out, --storage or --study-name"
         )
+    check_same_search(job, study)
     return study
+
+
+def check_same_search(job: TuneJob, study: optuna.Study) -> None:
+    """Refuse to mix a grid's trials with another search's: each counts its own combinations.
+
+    A study remembers its grid (``user_attrs["grid"]``; None for TPE, and for studies
+    made before grids existed). A TPE study may change its space file between runs.
+
+    Raises:
+        ConfigError: the study's grid and this run's differ, naming both.
+    """
+    mine = job.space.grid() if job.config.sampler == "grid" else None
+    if "grid" not in study.user_attrs and not study.get_trials(deepcopy=False):
+        study.set_user_attr("grid", mine)
+        return
+    made_with = study.user_attrs.get("grid")
+    if made_with != mine:
+
+        def shown(grid: dict[str, list[Any]] | None) -> str:
+            return "a TPE search" if grid is None else f"the grid {json.dumps(grid)}"
+
+        raise ConfigError(
+            f"study {job.config.study_name!r} in {shown_url(job.storage_url)} holds {shown(made_with)}, "
+            f"this run asks for {shown(mine)}; give another --out, --storage or --study-name"
+        )
 
 
 def shown_url(url: str) -> str:
@@ -327,17 +354,19 @@ def queue_trial_again(study: optuna.Study, trial: FrozenTrial) -> None:
     """Queue a copy of a trial that did not finish (WAITING, same settings), unless retried enough.
 
     Also the storage's callback for trials whose heartbeat went stale. The copy records
-    the trial it repeats (``system_attrs["failed_trial"]``, Optuna's convention).
+    the trial it repeats (``system_attrs["failed_trial"]``, Optuna's convention) and, in
+    a grid, its combination (``grid_id``), which the grid would otherwise count as run.
     """
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
     if len(history) > MAX_RETRIES:
         return
+    grid = {k: trial.system_attrs[k] for k in ("grid_id", "search_space") if k in trial.system_attrs}
     study.add_trial(
         optuna.trial.create_trial(
             state=TrialState.WAITING,
             params=trial.params,
             distributions=trial.distributions,
-            system_attrs={"failed_trial": history[0], "retry_history": history},
+            system_attrs={"failed_trial": history[0], "retry_history": history, **grid},
             user_attrs={"repeats": trial.number},  # the repeat goes on from this one's last.pt
         )
     )
@@ -406,7 +435,11 @@ def run_worker(job: TuneJob) -> None:
     """One process of a tune: load the study and run up to ``job.trials`` trials."""
     study = open_study(job)
     # A resumed run must not draw its predecessor's random settings again: the seed moves on.
+    # Not a grid's: its seed orders the combinations, trial n taking the n-th, and every
+    # process and every run must agree on that order.
     seed = job.config.seed + 1000 * job.worker + len(study.get_trials(deepcopy=False))
+    if job.config.sampler == "grid":
+        seed = job.config.seed
     study.sampler = make_sampler(job.config, job.space, seed)
     timeout = None
     if job.deadline is not None:
@@ -541,7 +574,7 @@ def take_over(job: TuneJob, trial: optuna.Trial, out: Path) -> dict[int, float] 
     shutil.copytree(before, out)
     for weights in before.glob("*.pt"):  # they live on in the repeat's folder
         weights.unlink()
-    return dict(trial.study.trials[repeats].intermediate_values)
+    return dict(trial.study.get_trials(deepcopy=False)[repeats].intermediate_values)
 
 
 def trial_line(

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -244,21 +245,68 @@ def test_a_grid_runs_every_combination_once_and_a_rerun_adds_none(
         tmp_path, "[lr]\nchoices = [1e-3, 2e-3]\n[windows]\nchoices = [1, 2]\n[alpha]\nvalue = 0.3\n"
     )
     out = tmp_path / "tune"
-    grid = ["--sampler", "grid", "--space", str(space), "--pruner", "none", "--trials", "10"]
-    assert main(tune_args(synthetic_data, out, base_file, *grid)) == 0
+    grid = ["--sampler", "grid", "--space", str(space), "--pruner", "none"]
+    assert main(tune_args(synthetic_data, out, base_file, *grid, "--trials", "2")) == 0
+    assert len(load(out).trials) == 2  # stopped half way ...
+    grid += ["--trials", "10"]
+    assert main(tune_args(synthetic_data, out, base_file, *grid)) == 0  # ... and resumed
     trials = load(out).trials
-    assert sorted((t.params["lr"], t.params["windows"]) for t in trials) == [
-        (1e-3, 1),
-        (1e-3, 2),
-        (2e-3, 1),
-        (2e-3, 2),
-    ]  # 4 combinations, not --trials 10; the other settings are the base's, not the default ranges'
+    assert (
+        sorted((t.params["lr"], t.params["windows"]) for t in trials)
+        == [
+            (1e-3, 1),
+            (1e-3, 2),
+            (2e-3, 1),
+            (2e-3, 2),
+        ]
+    )  # 4 combinations, each once, not --trials 10; the rest from the base, not the default ranges
     assert all(set(t.params) == {"lr", "windows"} and t.state == TrialState.COMPLETE for t in trials)
     assert main(tune_args(synthetic_data, out, base_file, *grid)) == 0
     assert len(load(out).trials) == 4  # the same command again: the grid is done
     best = read_settings_file(out / "best.toml")
     assert best["alpha"] == 0.3 and "lambda_kd" not in best  # fixed value kept, no default range drawn
     assert "a grid of 4 combinations, each run once" in (out / "report.md").read_text()
+
+
+def test_a_grid_trial_stopped_by_ctrl_c_is_run_again_and_no_combination_is_lost(
+    synthetic_data, tmp_path, monkeypatch
+) -> None:
+    space = write_space(tmp_path, "[lr]\nchoices = [1e-3, 2e-3]\n[tau]\nchoices = [0.1, 0.2]\n")
+    config = TuneConfig(trials=10, epochs=1, threads=1, pruner="none", sampler="grid", space=str(space))
+    report = tune_module.PrunerFeed.__call__
+
+    def ctrl_c_in_trial_1(feed: tune_module.PrunerFeed, epoch: int, valid: dict[str, float]) -> None:
+        report(feed, epoch, valid)
+        if feed.trial.number == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune_module.PrunerFeed, "__call__", ctrl_c_in_trial_1)
+    with pytest.raises(KeyboardInterrupt):
+        tune(synthetic_data, tmp_path / "grid", config, TINY, progress=False)
+    monkeypatch.undo()
+    tune(synthetic_data, tmp_path / "grid", config, TINY, progress=False)
+    trials = load(tmp_path / "grid").trials
+    assert trials[1].state == TrialState.FAIL and trials[2].user_attrs["repeats"] == 1
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted((t.params["lr"], t.params["tau"]) for t in complete) == [
+        (1e-3, 0.1),
+        (1e-3, 0.2),
+        (2e-3, 0.1),
+        (2e-3, 0.2),
+    ]  # the repeat took its predecessor's combination, not a fresh one
+
+
+def test_a_study_of_another_grid_or_search_is_refused(synthetic_data, tmp_path) -> None:
+    first = write_space(tmp_path, "[lr]\nchoices = [1e-3]\n")
+    config = TuneConfig(trials=1, epochs=1, threads=1, pruner="none", sampler="grid", space=str(first))
+    tune(synthetic_data, tmp_path / "out", config, TINY, progress=False)
+    other = tmp_path / "other.toml"
+    other.write_text("[lr]\nchoices = [1e-3, 2e-3]\n")
+    grid = 'holds the grid {"lr": [0.001]}, this run asks for the grid {"lr": [0.001, 0.002]}'
+    with pytest.raises(ConfigError, match=re.escape(grid)):
+        tune(synthetic_data, tmp_path / "out", replace(config, space=str(other)), TINY, progress=False)
+    with pytest.raises(ConfigError, match=re.escape("this run asks for a TPE search")):
+        tune(synthetic_data, tmp_path / "out", replace(config, sampler="tpe"), TINY, progress=False)
 
 
 @pytest.mark.parametrize(
