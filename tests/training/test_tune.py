@@ -251,15 +251,12 @@ def test_a_grid_runs_every_combination_once_and_a_rerun_adds_none(
     grid += ["--trials", "10"]
     assert main(tune_args(synthetic_data, out, base_file, *grid)) == 0  # ... and resumed
     trials = load(out).trials
-    assert (
-        sorted((t.params["lr"], t.params["windows"]) for t in trials)
-        == [
-            (1e-3, 1),
-            (1e-3, 2),
-            (2e-3, 1),
-            (2e-3, 2),
-        ]
-    )  # 4 combinations, each once, not --trials 10; the rest from the base, not the default ranges
+    assert sorted((t.params["lr"], t.params["windows"]) for t in trials) == [
+        (1e-3, 1),
+        (1e-3, 2),
+        (2e-3, 1),
+        (2e-3, 2),
+    ]  # 4 combinations, each once, not --trials 10; the rest from the base, not the default ranges
     assert all(set(t.params) == {"lr", "windows"} and t.state == TrialState.COMPLETE for t in trials)
     assert main(tune_args(synthetic_data, out, base_file, *grid)) == 0
     assert len(load(out).trials) == 4  # the same command again: the grid is done
