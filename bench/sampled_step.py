@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from mqsa.models.mqsa import MQSA, MQSAConfig
-from mqsa.training.losses import LossSettings, TEDTeacher, mqsa_loss
-from mqsa.training.sampled_loss import NegativeSampler, sampled_mqsa_loss
-from mqsa.training.trainer import TrainConfig, densify_gradients
+from mqsa.training.losses import LossSettings, TEDTeacher
+from mqsa.training.sampled_loss import NegativeSampler
+from mqsa.training.trainer import Objective, TrainConfig, densify_gradients
 from mqsa.training.transitions import TransitionGraph
 
 
@@ -72,13 +72,11 @@ def time_steps(n: int, loss: str, args: argparse.Namespace) -> float:
     if sampled:
         model.use_sparse_item_gradients()
     batches = [batch(rng, n, 256, 50) for _ in range(args.steps + 1)]
+    objective = Objective(model, ted, settings, sampler if sampled else None)  # the trainer's one call
     seconds = []
     for inputs, targets in batches:
         start = time.process_time()
-        if loss == "exact":
-            value, _ = mqsa_loss(model, inputs, targets, ted, settings)
-        else:
-            value, _ = sampled_mqsa_loss(model, inputs, targets, ted, settings, sampler)
+        value, _ = objective(inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         densify_gradients(model)
@@ -105,12 +103,13 @@ def time_data_steps(path: str, samples: int, steps: int) -> dict[str, float]:
     model.use_sparse_item_gradients()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.l2, fused=True)
     order = np.random.default_rng(0).permutation(len(data.examples))
+    objective = Objective(model, ted, settings, sampler)  # the trainer's one call
     parts = np.zeros(3)
     for step in range(steps + 1):
         rows = order[np.arange(step * 256, (step + 1) * 256) % len(order)]  # round again on small files
         inputs, targets = data.examples.batch(rows, torch.device("cpu"))
         marks = [time.process_time()]
-        loss, _ = sampled_mqsa_loss(model, inputs, targets, ted, settings, sampler)
+        loss, _ = objective(inputs, targets)
         marks.append(time.process_time())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -173,6 +173,7 @@ def sampled_mqsa_loss(
     settings: LossSettings,
     sampler: NegativeSampler,
     candidates: Candidates | None = None,
+    l2_value: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LossValues]:
     """L = L_rec_hat + lambda_kd * L_kd_hat + l2 * sum ||w||^2 / 2, as ``mqsa_loss`` returns it
     (with ``settings.l2_in_optimizer`` the penalty is in L's value but not in its graph: the
@@ -186,6 +187,8 @@ def sampled_mqsa_loss(
         settings: the objective's weights (``chunk`` is unused here).
         sampler: draws the batch's candidates.
         candidates: use these instead of drawing (tests).
+        l2_value: with ``settings.l2_in_optimizer``, the penalty's value as the caller
+            last measured it (``Objective``: every L2_VALUE_EVERY steps); None: measured here.
 
     Returns:
         The differentiable total loss and its parts as floats (``rec`` and ``kd``
@@ -199,7 +202,7 @@ def sampled_mqsa_loss(
     # sparse row gradients were summed among themselves: the table's gradient is then
     # made dense once (a dense one first would be copied at every sparse one that
     # follows: 0.5 s a step at 300,000 items).
-    penalty = l2_penalty(model, settings)
+    penalty = l2_value if settings.l2_in_optimizer and l2_value is not None else l2_penalty(model, settings)
     if ted:  # TED's teacher means come first too: their gradient may be dense (the full product)
         pad = model.config.padding_idx
         real = inputs != pad  # (B, T')

@@ -12,10 +12,10 @@ import torch
 from mqsa import cli
 from mqsa.errors import ConfigError
 from mqsa.models.mqsa import MQSA, MQSAConfig
-from mqsa.training.losses import LossSettings, TEDTeacher, mqsa_loss
+from mqsa.training.losses import LossSettings, TEDTeacher, l2_penalty, mqsa_loss
 from mqsa.training.sampled_loss import Candidates, NegativeSampler, sampled_logsumexp, sampled_mqsa_loss
 from mqsa.training.sequences import left_pad
-from mqsa.training.trainer import TrainConfig
+from mqsa.training.trainer import L2_VALUE_EVERY, Objective, TrainConfig
 from mqsa.training.transitions import TransitionGraph
 
 N = 11
@@ -332,6 +332,23 @@ def test_l2_left_to_the_optimizer_is_the_same_loss_and_the_same_gradient() -> No
         config.loss_settings().l2_in_optimizer
         and not TrainConfig(loss="exact").loss_settings().l2_in_optimizer
     )
+
+
+def test_the_objective_measures_the_l2_value_every_few_steps_and_reuses_it_in_between() -> None:
+    """The sampled loss's L2 value is for the log only (Adam adds the gradient): one pass over
+    every parameter every L2_VALUE_EVERY steps, the last value reused in between."""
+    s = LossSettings(lambda_kd=0.1, tau=0.1, l2=1e-2, chunk=256, dtype=torch.float32, l2_in_optimizer=True)
+    model, inputs, targets, teacher, counts = tiny_setup()
+    objective = Objective(model, teacher, s, NegativeSampler.from_counts(counts, 4))
+    measured, actual = [], []
+    for _ in range(L2_VALUE_EVERY + 1):
+        actual.append(float(l2_penalty(model, s)))
+        measured.append(objective(inputs, targets)[1].l2)
+        with torch.no_grad():
+            model.item_emb.weight.mul_(1.1)  # the weights move: a new measurement differs
+    assert measured[:L2_VALUE_EVERY] == [pytest.approx(actual[0])] * L2_VALUE_EVERY  # reused in between
+    assert measured[L2_VALUE_EVERY] == pytest.approx(actual[L2_VALUE_EVERY])  # measured again
+    assert actual[L2_VALUE_EVERY] > 1.5 * actual[0]
 
 
 def test_loss_auto_is_exact_up_to_the_threshold_and_sampled_above() -> None:
