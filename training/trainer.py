@@ -447,8 +447,9 @@ class Trainer:
         teacher = TEDTeacher.from_graph(self.data.graph, config.tau) if config.lambda_kd > 0 else None
         self.teacher = teacher.to(self.device) if teacher is not None else None
         self.on_epoch, self.evaluate_test = on_epoch, evaluate_test
-        ranked = self.data.eval_sets if evaluate_test else {"valid": self.data.eval_sets["valid"]}
-        self.baselines = baseline_metrics(self.data.split, self.data.graph, ranked)
+        # Popularity and Item Transition are ranked at the end (_finish), for the report only:
+        # a Python pass per user, about a minute a split at 10^6 users, before the first epoch.
+        self.baselines: dict[str, dict[str, dict[str, float]]] = {}
         # The per-epoch validation users, drawn once from a stream of their own (batch order untouched).
         sample_seed = int(np.random.SeedSequence([config.seed, 1]).generate_state(1)[0])
         self.valid_set = sample_eval_set(self.data.eval_sets["valid"], config.valid_sample, sample_seed)
@@ -674,6 +675,8 @@ class Trainer:
         self.model.load_state_dict(self.best_state)
         self.objective = self.objective.module if self.world.distributed else self.objective
         self.world.close()  # after the DDP wrapper is gone: it must not outlive its process group
+        ranked = self.data.eval_sets if self.evaluate_test else {"valid": self.data.eval_sets["valid"]}
+        self.baselines = baseline_metrics(self.data.split, self.data.graph, ranked)
         metrics = self._metrics(replica_checksums)
         if not self.world.is_main:
             return metrics
