@@ -19,12 +19,14 @@ teacher entry), split into forward, backward and Adam (CPU seconds per step).
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import numpy as np
 import torch
 
 from mqsa.models.mqsa import MQSA, MQSAConfig
+from mqsa.training.host_memory import keep_freed_memory
 from mqsa.training.losses import LossSettings, TEDTeacher
 from mqsa.training.sampled_loss import NegativeSampler
 from mqsa.training.trainer import Objective, TrainConfig, densify_gradients
@@ -106,6 +108,8 @@ def time_data_steps(path: str, samples: int, steps: int) -> dict[str, float]:
     objective = Objective(model, ted, settings, sampler)  # the trainer's one call
     parts = np.zeros(3)
     for step in range(steps + 1):
+        if step == 1:  # the first step warms up
+            start = resource.getrusage(resource.RUSAGE_SELF)
         rows = order[np.arange(step * 256, (step + 1) * 256) % len(order)]  # round again on small files
         inputs, targets = data.examples.batch(rows, torch.device("cpu"))
         marks = [time.process_time()]
@@ -117,9 +121,13 @@ def time_data_steps(path: str, samples: int, steps: int) -> dict[str, float]:
         marks.append(time.process_time())
         optimizer.step()
         marks.append(time.process_time())
-        if step:  # the first step warms up
+        if step:
             parts += np.diff(marks)
-    return dict(zip(("forward", "backward", "adam"), parts / steps, strict=True))
+    end = resource.getrusage(resource.RUSAGE_SELF)
+    kernel = {"of it system": end.ru_stime - start.ru_stime, "page faults": end.ru_minflt - start.ru_minflt}
+    return dict(zip(("forward", "backward", "adam"), parts / steps, strict=True)) | {
+        k: v / steps for k, v in kernel.items()
+    }
 
 
 def main() -> None:
@@ -131,14 +139,27 @@ def main() -> None:
     parser.add_argument("--exact-max", type=int, default=300000)
     parser.add_argument("--data", help="time the sampled step on this sequence file instead")
     parser.add_argument("--ted-samples", type=int, nargs="+", default=[0, TrainConfig().ted_samples])
+    parser.add_argument(
+        "--keep-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="as the trainer does (training/host_memory.py); --no-keep-freed-memory: glibc's default",
+    )
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        keep_freed_memory()
     torch.set_num_threads(args.threads)
     if args.data:
-        print("| ted_samples | forward | backward | Adam | CPU s/step |\n|---|---|---|---|---|")
+        print(
+            "| ted_samples | forward | backward | Adam | CPU s/step | of it system | page faults/step |\n"
+            "|---|---|---|---|---|---|---|"
+        )
         for samples in args.ted_samples:
             parts = time_data_steps(args.data, samples, args.steps)
-            shown = " | ".join(f"{v:.3f}" for v in parts.values())
-            print(f"| {samples} | {shown} | {sum(parts.values()):.3f} |", flush=True)
+            step = sum(parts[k] for k in ("forward", "backward", "adam"))
+            shown = " | ".join(f"{parts[k]:.3f}" for k in ("forward", "backward", "adam"))
+            kernel = f"{parts['of it system']:.3f} | {parts['page faults']:,.0f}"
+            print(f"| {samples} | {shown} | {step:.3f} | {kernel} |", flush=True)
         return
     print("| items N | exact, CPU s/step | sampled, CPU s/step |\n|---|---|---|")
     for n in args.items:

@@ -50,6 +50,7 @@ from mqsa.training.evaluation import (
     popularity,
     sample_eval_set,
 )
+from mqsa.training.host_memory import keep_freed_memory
 from mqsa.training.losses import LossSettings, LossValues, TEDTeacher, l2_penalty, mqsa_loss
 from mqsa.training.run_state import RunState, capture_rng, load_run_state, restore_rng, save_run_state
 from mqsa.training.sampled_loss import NegativeSampler, sampled_mqsa_loss
@@ -432,6 +433,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         if config.threads:
             torch.set_num_threads(config.threads)
+        keep_freed_memory()  # 8-20% of an S2 step was the kernel mapping freed memory again
         self.device = resolve_device(config.device)
         self.world = World.from_env(self.device.type)
         if self.world.distributed and self.device.type == "cuda":
