@@ -32,6 +32,7 @@ Files under OUT:
 
 from __future__ import annotations
 
+import csv
 import inspect
 import json
 import os
@@ -561,8 +562,10 @@ def take_over(job: TuneJob, trial: optuna.Trial, out: Path) -> dict[int, float] 
     """Let a repeated trial go on from where its predecessor stopped.
 
     When the trial repeats one (``queue_trial_again``) that left a ``last.pt``, that
-    folder is copied to ``out`` (its weights moved) and the predecessor's reported scores are returned
-    (the pruner is given them again); None when there is nothing to go on from.
+    folder is copied to ``out`` (its weights moved) and the predecessor's validation
+    scores by epoch are returned, for the pruner to be given again: from its
+    ``history.csv``, which also holds an epoch saved but not yet reported when the
+    process died; None when there is nothing to go on from.
     """
     repeats = trial.user_attrs.get("repeats")
     if repeats is None:
@@ -574,7 +577,9 @@ def take_over(job: TuneJob, trial: optuna.Trial, out: Path) -> dict[int, float] 
     shutil.copytree(before, out)
     for weights in before.glob("*.pt"):  # they live on in the repeat's folder
         weights.unlink()
-    return dict(trial.study.get_trials(deepcopy=False)[repeats].intermediate_values)
+    column = f"valid_{SELECT_METRIC}"
+    with (out / "history.csv").open(newline="") as f:
+        return {int(row["epoch"]): float(row[column]) for row in csv.DictReader(f) if row.get(column)}
 
 
 def trial_line(

@@ -152,9 +152,9 @@ def test_a_trial_stopped_by_ctrl_c_goes_on_from_its_last_epoch(synthetic_data, t
     report = tune_module.PrunerFeed.__call__
 
     def ctrl_c_after_epoch_2(feed: tune_module.PrunerFeed, epoch: int, valid: dict[str, float]) -> None:
-        report(feed, epoch, valid)
-        if epoch == 2:
+        if epoch == 2:  # saved (last.pt) but not yet reported to the pruner
             raise KeyboardInterrupt
+        report(feed, epoch, valid)
 
     monkeypatch.setattr(tune_module.PrunerFeed, "__call__", ctrl_c_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
