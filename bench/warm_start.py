@@ -151,7 +151,12 @@ def run_record(name: str) -> dict:
     if path.exists():
         return {**json.loads(path.read_text()), "finished": True}
     if name == "scratch" and not (RESULTS / name).exists():  # run on another machine: its record
-        return {**json.loads(RECORD.read_text())["runs"]["scratch"], "from_record": str(RECORD)}
+        record = json.loads(RECORD.read_text())
+        return {
+            **record["runs"]["scratch"],
+            "train_config": {"threads": record["threads"]},
+            "from_record": str(RECORD),
+        }
     import torch
 
     state = torch.load(RESULTS / name / "last.pt", map_location="cpu", weights_only=False)
