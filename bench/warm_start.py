@@ -31,7 +31,9 @@ fractions of the target score, the first epoch each run reaches it.
     python bench/warm_start.py --stage report                # JSON + markdown table
 
 ``--drop N`` (default 3) makes yesterday's data every sequence without its last N items:
-``--drop 1`` is closer to a nightly run's change. Its runs are ``old-drop1`` and
+``--drop 1`` is closer to a nightly run's change (and yesterday's test target is then
+today's validation target: ranked once at the old run's end, never trained on nor used
+to select its epoch). Its runs are ``old-drop1`` and
 ``warm-drop1`` and its record ``warm-start-beauty-drop1.json``; the scratch run (today's
 data, which ``--drop`` does not change) is shared, and when its folder is gone (another
 machine) the report takes its per-epoch curve from the ``--drop 3`` record.
