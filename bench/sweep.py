@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import itertools
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -102,7 +102,7 @@ def run_grid(data: str, axes: dict, seed: int, args: argparse.Namespace, records
     out.mkdir(parents=True, exist_ok=True)
     space = out / "space.json"
     space.write_text(json.dumps({name: {"choices": values} for name, values in axes.items()}, indent=2))
-    size = len(list(itertools.product(*axes.values())))
+    size = math.prod(len(values) for values in axes.values())
     print(f"== MQSA-TED on {data}, seed {seed}: {size} combinations -> {out}", flush=True)
     config = TuneConfig(
         trials=size,

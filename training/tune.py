@@ -334,13 +334,10 @@ def check_same_search(job: TuneJob, study: optuna.Study) -> None:
         return
     made_with = study.user_attrs.get("grid")
     if made_with != mine:
-
-        def shown(grid: dict[str, list[Any]] | None) -> str:
-            return "a TPE search" if grid is None else f"the grid {json.dumps(grid)}"
-
+        held, asked = (f"the grid {json.dumps(g)}" if g else "a TPE search" for g in (made_with, mine))
         raise ConfigError(
-            f"study {job.config.study_name!r} in {shown_url(job.storage_url)} holds {shown(made_with)}, "
-            f"this run asks for {shown(mine)}; give another --out, --storage or --study-name"
+            f"study {job.config.study_name!r} in {shown_url(job.storage_url)} holds {held}, "
+            f"this run asks for {asked}; give another --out, --storage or --study-name"
         )
 
 
@@ -435,12 +432,12 @@ def run_jobs(job: TuneJob, study: optuna.Study, started: float) -> None:
 def run_worker(job: TuneJob) -> None:
     """One process of a tune: load the study and run up to ``job.trials`` trials."""
     study = open_study(job)
-    # A resumed run must not draw its predecessor's random settings again: the seed moves on.
-    # Not a grid's: its seed orders the combinations, trial n taking the n-th, and every
+    # A resumed run must not draw its predecessor's random settings again: TPE's seed moves on.
+    # A grid's does not: it orders the combinations, trial n taking the n-th, and every
     # process and every run must agree on that order.
-    seed = job.config.seed + 1000 * job.worker + len(study.get_trials(deepcopy=False))
-    if job.config.sampler == "grid":
-        seed = job.config.seed
+    seed = job.config.seed
+    if job.config.sampler == "tpe":
+        seed += 1000 * job.worker + len(study.get_trials(deepcopy=False))
     study.sampler = make_sampler(job.config, job.space, seed)
     timeout = None
     if job.deadline is not None:
@@ -472,8 +469,8 @@ class PrunerFeed:
 
     def __call__(self, epoch: int, valid: dict[str, float]) -> None:
         for step in sorted(step for step in self.earlier if step < epoch):
-            self.trial.report(self.earlier.pop(step), step=step)
-        self.earlier.clear()
+            self.trial.report(self.earlier[step], step=step)
+        self.earlier.clear()  # reported once, before the first epoch this run trains
         self.trial.report(valid[SELECT_METRIC], step=epoch)
         if self.trial.should_prune():
             raise StopTraining(f"pruned after epoch {epoch}")
@@ -532,25 +529,19 @@ class TrialRun:
     ) -> tuple[Trainer, dict[str, Any]]:
         """Train the trial into ``out``, going on from its predecessor's ``last.pt`` if it repeats one."""
         job = self.job
+
+        def trainer(feed: PrunerFeed) -> Trainer:
+            return Trainer(job.data_path, out, model_config, config, False, feed, evaluate_test=False)
+
         earlier = take_over(job, trial, out)
         if earlier is not None:
-            trainer = Trainer(
-                job.data_path,
-                out,
-                model_config,
-                config,
-                False,
-                PrunerFeed(trial, earlier),
-                evaluate_test=False,
-            )
+            resumed = trainer(PrunerFeed(trial, earlier))
             try:
-                return trainer, trainer.fit(resume=True)
+                return resumed, resumed.fit(resume=True)
             except ResumeError:  # its last.pt does not fit (the base settings changed): start again
                 pass
-        trainer = Trainer(
-            job.data_path, out, model_config, config, False, PrunerFeed(trial), evaluate_test=False
-        )
-        return trainer, trainer.fit()
+        fresh = trainer(PrunerFeed(trial))
+        return fresh, fresh.fit()
 
 
 def trial_dir(job: TuneJob, number: int) -> Path:
