@@ -677,11 +677,11 @@ class Trainer:
         self.model.load_state_dict(self.best_state)
         self.objective = self.objective.module if self.world.distributed else self.objective
         self.world.close()  # after the DDP wrapper is gone: it must not outlive its process group
+        if not self.world.is_main:  # the other processes' results are not kept: no baselines
+            return self._metrics(replica_checksums)
         ranked = self.data.eval_sets if self.evaluate_test else {"valid": self.data.eval_sets["valid"]}
         self.baselines = baseline_metrics(self.data.split, self.data.graph, ranked)
         metrics = self._metrics(replica_checksums)
-        if not self.world.is_main:
-            return metrics
         self._checkpoint().save(self.out_dir / "best.pt")
         write_json_atomic(self.out_dir / "metrics.json", metrics, indent=2)
         report.plot_curves(self.history, self.out_dir / "curves.png")
