@@ -95,6 +95,7 @@ def train_run(
     lr: float | None = None,
     epochs: int | None = None,
     decay_epochs: int | None = None,
+    seed: int = 42,
 ) -> None:
     """Train one run into ``RESULTS/name`` (resumes it if it was stopped); ``lr`` None: the default."""
     from mqsa.training.trainer import TrainConfig, train
@@ -107,7 +108,7 @@ def train_run(
         extra["epochs"] = epochs
     if decay_epochs is not None:
         extra.update(lr_schedule="cosine", lr_decay_epochs=decay_epochs)
-    config = TrainConfig(patience=patience, threads=threads, device="cpu", seed=42, **extra)
+    config = TrainConfig(patience=patience, threads=threads, device="cpu", seed=seed, **extra)
     resume = (out / "last.pt").exists()
     metrics = train(data, out, None, config, progress=False, resume=resume)
     print(f"{name}: best epoch {metrics['best_epoch']}, valid NDCG@20 {metrics['valid']['NDCG@20']:.4f}")
@@ -277,19 +278,37 @@ def main() -> None:
         default=DROP,
         help=f"yesterday's data lacks each user's last N items (default {DROP})",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=42,
+        help="scratch and warm stages: the run's seed; other than 42 adds -seedS to its folder "
+        "(the old model stays seed 42's: yesterday's serving model is a given)",
+    )
     args = parser.parse_args()
     old_name, warm_name = run_names(args.drop)
+    suffix = "" if args.seed == 42 else f"-seed{args.seed}"
     if args.stage == "report":
         report(args.drop, args.name)
     elif args.stage == "old":
         old_data = RESULTS / f"{old_name}-data"
         train_run(old_name, make_old_data(DATA, old_data, args.drop), args.threads, args.patience, None)
     elif args.stage == "scratch":
-        train_run("scratch", DATA, args.threads, args.patience, None)
+        train_run(f"scratch{suffix}", DATA, args.threads, args.patience, None, seed=args.seed)
     else:
         old_best = RESULTS / old_name / "best.pt"
-        name = args.name or warm_name
-        train_run(name, DATA, args.threads, args.patience, old_best, args.lr, args.epochs, args.decay_epochs)
+        name = args.name or warm_name + suffix
+        train_run(
+            name,
+            DATA,
+            args.threads,
+            args.patience,
+            old_best,
+            args.lr,
+            args.epochs,
+            args.decay_epochs,
+            args.seed,
+        )
 
 
 if __name__ == "__main__":
