@@ -13,7 +13,8 @@ step, for ``--loss exact`` (skipped above ``--exact-max`` items: it grows as N) 
 
 With ``--data``: the sampled step on that file's own batches (the trainer's examples, in
 a seeded random order) and its own TED teacher, for each ``--ted-samples`` value (0: every
-teacher entry), split into forward, backward and Adam (CPU seconds per step).
+teacher entry), split into forward, backward and Adam (CPU seconds per step);
+``--lazy-item-updates`` times the step with lazy Adam over the item rows.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 
 from mqsa.models.mqsa import MQSA, MQSAConfig
 from mqsa.training.host_memory import keep_freed_memory
+from mqsa.training.item_updates import LazyItemAdam
 from mqsa.training.losses import LossSettings, TEDTeacher
 from mqsa.training.sampled_loss import NegativeSampler
 from mqsa.training.trainer import Objective, TrainConfig, densify_gradients
@@ -87,13 +89,14 @@ def time_steps(n: int, loss: str, args: argparse.Namespace) -> float:
     return float(np.mean(seconds[1:]))
 
 
-def time_data_steps(path: str, samples: int, steps: int) -> dict[str, float]:
-    """CPU seconds per sampled step on ``path``'s batches, by part (as the trainer runs it)."""
+def time_data_steps(path: str, samples: int, steps: int, lazy: bool = False) -> dict[str, float]:
+    """CPU seconds per sampled step on ``path``'s batches, by part (as the trainer runs it);
+    ``lazy``: with ``--lazy-item-updates``."""
     from mqsa.models.mqsa import MQSAConfig
     from mqsa.training.sequences import read_sequences
     from mqsa.training.trainer import TrainingData
 
-    config = TrainConfig(loss="sampled", ted_samples=samples)
+    config = TrainConfig(loss="sampled", ted_samples=samples, lazy_item_updates=lazy)
     sequences = read_sequences(path)
     model_config = MQSAConfig(num_items=sequences.num_items)
     data = TrainingData.build(path, sequences, None, model_config, config.time_span)
@@ -103,7 +106,11 @@ def time_data_steps(path: str, samples: int, steps: int) -> dict[str, float]:
     torch.manual_seed(0)
     model = MQSA(model_config)
     model.use_sparse_item_gradients()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.l2, fused=True)
+    optimizer: torch.optim.Adam | LazyItemAdam
+    if lazy:
+        optimizer = LazyItemAdam(model, config.lr, (0.9, config.adam_beta2), config.l2)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.l2, fused=True)
     order = np.random.default_rng(0).permutation(len(data.examples))
     objective = Objective(model, ted, settings, sampler)  # the trainer's one call
     parts = np.zeros(3)
@@ -117,7 +124,8 @@ def time_data_steps(path: str, samples: int, steps: int) -> dict[str, float]:
         marks.append(time.process_time())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        densify_gradients(model)
+        if not lazy:
+            densify_gradients(model)
         marks.append(time.process_time())
         optimizer.step()
         marks.append(time.process_time())
@@ -145,6 +153,11 @@ def main() -> None:
         default=True,
         help="as the trainer does (training/host_memory.py); --no-keep-freed-memory: glibc's default",
     )
+    parser.add_argument(
+        "--lazy-item-updates",
+        action="store_true",
+        help="with --data: lazy Adam over the item rows (TrainConfig.lazy_item_updates)",
+    )
     args = parser.parse_args()
     if args.keep_freed_memory:
         keep_freed_memory()
@@ -155,7 +168,7 @@ def main() -> None:
             "|---|---|---|---|---|---|---|"
         )
         for samples in args.ted_samples:
-            parts = time_data_steps(args.data, samples, args.steps)
+            parts = time_data_steps(args.data, samples, args.steps, args.lazy_item_updates)
             step = sum(parts[k] for k in ("forward", "backward", "adam"))
             shown = " | ".join(f"{parts[k]:.3f}" for k in ("forward", "backward", "adam"))
             kernel = f"{parts['of it system']:.3f} | {parts['page faults']:,.0f}"

@@ -280,6 +280,11 @@ class MQSA(nn.Module):
         zero-fills and copies an (N + 1, D) tensor (0.15 s a step at 10^6 items)."""
         return self.item_emb.weight.sum(0) - self.item_rows(self.pad_index)[0]
 
+    def item_table(self) -> nn.Parameter:
+        """(N + 1, D) the item table as a parameter, padding row included: for an optimizer
+        that updates it apart from the rest of the network (``training.item_updates``)."""
+        return self.item_emb.weight
+
     def use_sparse_item_gradients(self, enabled: bool = True) -> None:
         """Give the item lookups (the input layer's and :meth:`item_rows`) a sparse gradient,
         the rows used, instead of a dense (N, D) one per call. The optimizer then needs the

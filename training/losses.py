@@ -317,6 +317,9 @@ class LossSettings:
             its backward pass).
         ted_samples: the sampled loss's TED: a teacher row with more entries than this is
             estimated from this many draws (``TEDTeacher.expected_rows``); 0: every entry.
+        total_samples: the sampled loss's TED: the teacher's uniform share of the table,
+            sum_j E_j, is estimated from this many uniformly drawn rows, unbiased, so only
+            they get a gradient; 0: summed over every row (a dense gradient).
     """
 
     lambda_kd: float
@@ -326,6 +329,7 @@ class LossSettings:
     dtype: torch.dtype
     l2_in_optimizer: bool = False
     ted_samples: int = 0
+    total_samples: int = 0
 
 
 @dataclass

@@ -54,7 +54,10 @@ candidates. Its term, student_i . sum_j t_i[j] E_j / tau, is linear in the teach
 mean of the table, which is summed exactly over rows of at most ``ted_samples``
 transitions and estimated from that many draws on longer ones (unbiased:
 ``TEDTeacher.expected_rows``), so a popular item's thousands of transitions cost
-no more than a rare one's.
+no more than a rare one's. The mean's uniform share, shared_i * sum_j E_j, reads
+every row; with ``LossSettings.total_samples`` S the sum is estimated as N / S times
+the sum of S uniformly drawn rows (unbiased), so that no term of the loss gives the
+table a dense gradient (``training.item_updates``).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -134,6 +138,62 @@ class NegativeSampler:
         return Candidates(items, expected.log())
 
 
+def accidental_hits(positives: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a candidate is its row's positive: (H,) rows and (H,) columns of the (R, C) logits.
+
+    Found by a binary search of each positive among the sorted candidates, O(R log C),
+    instead of an (R, C) comparison: hits are rare (a handful per batch at 10^5 items and
+    up), and the comparison and its mask were a sixth of a sampled step at 10^6 items.
+    """
+    sorted_items, order = items.sort()  # (C,) each
+    low = torch.searchsorted(sorted_items, positives, side="left")  # (R,)
+    counts = torch.searchsorted(sorted_items, positives, side="right") - low  # (R,) hits per row
+    rows = torch.repeat_interleave(torch.arange(len(positives), device=positives.device), counts)  # (H,)
+    first = torch.repeat_interleave(low - (torch.cumsum(counts, 0) - counts), counts)  # (H,)
+    return rows, order[first + torch.arange(len(rows), device=positives.device)]
+
+
+class _SampledLogPartition(torch.autograd.Function):
+    """(R,) log sum_k exp(q_r . c_k - log m(c_k)) over the candidates, the hits left out.
+
+    Written out rather than composed (mm, subtract, mask, logsumexp and their backward
+    passes) because on a CPU the (R, C) matrix, not the product, is the cost: this makes
+    about 4 passes over it forward and 1 backward instead of about 14 (it keeps the
+    exponentials for the backward pass instead of the logits). Forward and backward
+    products in ``dtype``; the log-sum-exp in float32.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        queries: torch.Tensor,
+        cand: torch.Tensor,
+        log_expected: torch.Tensor,
+        hit_rows: torch.Tensor,
+        hit_cols: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        wide = torch.promote_types(queries.dtype, torch.float32)  # float32 after a bf16 product
+        logits = (queries.to(dtype) @ cand.to(dtype).T).to(wide).sub_(log_expected)  # (R, C)
+        logits[hit_rows, hit_cols] = -math.inf
+        top = logits.amax(1, keepdim=True)  # (R, 1)
+        top = torch.where(torch.isfinite(top), top, 0.0)  # a row whose every candidate is a hit
+        weights = logits.sub_(top).exp_()  # (R, C) exp(logit - top), 0 at the hits
+        total = weights.sum(1, keepdim=True)  # (R, 1)
+        ctx.save_for_backward(queries, cand, weights, total)
+        ctx.dtype = dtype
+        return (total.log() + top).squeeze(1)  # -inf where every candidate is a hit
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        queries, cand, weights, total = ctx.saved_tensors
+        # d lse_r / d logit_rk = softmax_rk; the clamp keeps an all-hits row's 0 / 0 at 0
+        scaled = (weights * (grad[:, None] / total.clamp_min(torch.finfo(total.dtype).tiny))).to(ctx.dtype)
+        grad_queries = (scaled @ cand.to(ctx.dtype)).to(queries.dtype) if ctx.needs_input_grad[0] else None
+        grad_cand = (scaled.T @ queries.to(ctx.dtype)).to(cand.dtype) if ctx.needs_input_grad[1] else None
+        return grad_queries, grad_cand, None, None, None, None
+
+
 def sampled_logsumexp(
     queries: torch.Tensor,
     table: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
@@ -158,11 +218,20 @@ def sampled_logsumexp(
     rows = table.__getitem__ if isinstance(table, torch.Tensor) else table
     positive_logits = (queries * rows(positives)).sum(-1)  # (R,)
     cand = rows(candidates.items)  # (C, D)
-    logits = (queries.to(dtype) @ cand.to(dtype).T).float()  # (R, C)
-    logits = logits - candidates.log_expected[None, :]  # logQ correction
-    hits = candidates.items[None, :] == positives[:, None]  # (R, C) accidental hits
-    logits = logits.masked_fill(hits, -math.inf)
-    return torch.logaddexp(positive_logits, torch.logsumexp(logits, dim=1)), positive_logits
+    hit_rows, hit_cols = accidental_hits(positives, candidates.items)  # (H,) each
+    log_z = _SampledLogPartition.apply(queries, cand, candidates.log_expected, hit_rows, hit_cols, dtype)
+    return torch.logaddexp(positive_logits, log_z), positive_logits
+
+
+def item_total(model: MQSA, samples: int, device: torch.device) -> torch.Tensor:
+    """(D,) sum_j E_j over the real items: exact (``samples`` 0, a dense gradient), or
+    N / S times the sum of S rows drawn uniformly with replacement (unbiased; only those S
+    rows get a gradient). Draws use torch's global generator."""
+    if not samples:
+        return model.item_total()
+    num_items = model.config.num_items
+    drawn = torch.randint(num_items, (samples,), device=device)  # (S,)
+    return model.item_rows(drawn).sum(0) * (num_items / samples)
 
 
 def sampled_mqsa_loss(
@@ -198,17 +267,18 @@ def sampled_mqsa_loss(
     # Every item row is read through item_rows (with sparse item gradients on: the rows
     # used), so only two terms give the table a dense (N, D) gradient: the L2 penalty
     # (unless the optimizer adds it: settings.l2_in_optimizer) and TED's teacher means
-    # (their uniform share, sum_j E_j). They are made first, so autograd runs their backward last, after the
-    # sparse row gradients were summed among themselves: the table's gradient is then
-    # made dense once (a dense one first would be copied at every sparse one that
-    # follows: 0.5 s a step at 300,000 items).
+    # (their uniform share, sum_j E_j, unless estimated: settings.total_samples). They are
+    # made first, so autograd runs their backward last, after the sparse row gradients
+    # were summed among themselves: the table's gradient is then made dense once (a dense
+    # one first would be copied at every sparse one that follows: 0.5 s a step at 300,000
+    # items).
     penalty = l2_value if settings.l2_in_optimizer and l2_value is not None else l2_penalty(model, settings)
     if ted:  # TED's teacher means come first too: their gradient may be dense (the full product)
         pad = model.config.padding_idx
         real = inputs != pad  # (B, T')
         items, followers = inputs[real], targets[real]  # (K,) occurrences and the item after each
         followers = torch.where(followers == pad, items, followers)  # none after: any item will do
-        total = model.item_total()  # (D,)
+        total = item_total(model, settings.total_samples, inputs.device)  # (D,)
         expected = teacher.expected_rows(items, model, total, settings.ted_samples)  # (K, D)
     z, target_items = model.real_position_queries(inputs, targets)  # (P, D), (P,)
     if candidates is None:

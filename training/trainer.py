@@ -51,6 +51,7 @@ from mqsa.training.evaluation import (
     sample_eval_set,
 )
 from mqsa.training.host_memory import keep_freed_memory
+from mqsa.training.item_updates import LazyItemAdam
 from mqsa.training.losses import LossSettings, LossValues, TEDTeacher, l2_penalty, mqsa_loss
 from mqsa.training.run_state import RunState, capture_rng, load_run_state, restore_rng, save_run_state
 from mqsa.training.sampled_loss import NegativeSampler, sampled_mqsa_loss
@@ -131,6 +132,12 @@ class TrainConfig:
         ted_samples: sampled loss: TED's teacher-weighted mean of an item's transitions is
             estimated from this many draws from its teacher row, unbiased, where the row has
             more entries (a popular item's row holds thousands; 0 = every entry, exact).
+        lazy_item_updates: sampled loss, one process: update only the item rows a batch
+            used (torch's SparseAdam, their L2 gradient included; Adam for the rest of the
+            network) and estimate TED's uniform share of the table from `negatives`
+            uniformly drawn rows, so a step's cost stops growing with the catalogue. Rows a
+            batch does not use keep their Adam moments and get no L2 decay that step (lazy
+            Adam): another optimisation than the paper's; docs/scaling.md has its accuracy.
         lr_schedule: constant (lr every epoch, the paper's) or cosine: epoch e trains at
             lr_min + (lr - lr_min) * (1 + cos(pi * (e - 1) / lr_decay_epochs)) / 2, lr_min =
             lr / 100, and at lr_min after lr_decay_epochs epochs (for runs that should settle
@@ -162,6 +169,7 @@ class TrainConfig:
     negatives: int = 1024
     in_batch_negatives: bool = False
     ted_samples: int = 32
+    lazy_item_updates: bool = False
     lr_schedule: Literal["constant", "cosine"] = "constant"
     lr_decay_epochs: int = 0
     init_from: str | None = None
@@ -226,6 +234,7 @@ class TrainConfig:
             dtype=dtype,
             l2_in_optimizer=sampled,  # the sampled loss's dense terms kept few
             ted_samples=self.ted_samples if sampled else 0,
+            total_samples=self.negatives if sampled and self.lazy_item_updates else 0,
         )
 
 
@@ -512,8 +521,10 @@ class Trainer:
         # the sampled loss's L2 moved into Adam) and the fused kernel (one saved before it).
         # Set in the saved groups before loading: the fused flag also says where Adam's step
         # counts go (on the parameters' device when fused).
-        mine = {k: self.optimizer.param_groups[0][k] for k in ("weight_decay", "fused")}
-        for group in state.optimizer["param_groups"]:
+        lazy = isinstance(self.optimizer, LazyItemAdam)
+        network = self.optimizer.network if lazy else self.optimizer
+        mine = {k: network.param_groups[0][k] for k in ("weight_decay", "fused")}
+        for group in (state.optimizer["network"] if lazy else state.optimizer)["param_groups"]:
             group.update(mine)
         self.optimizer.load_state_dict(state.optimizer)
         restore_rng(state, self.rng)
@@ -603,16 +614,25 @@ class Trainer:
             # gradient the table had when wrapped) only with TED, whose uniform share keeps
             # the summed gradient dense.
             self.model.use_sparse_item_gradients()
+        self.optimizer = self._optimizer(config)
+
+    def _optimizer(self, config: TrainConfig) -> torch.optim.Adam | LazyItemAdam:
+        """Adam over every parameter, or with ``lazy_item_updates`` lazy Adam over the item rows."""
         decay = config.l2 if self.loss_settings.l2_in_optimizer else 0.0  # the penalty's gradient
+        betas = (0.9, config.adam_beta2)
+        if config.lazy_item_updates:
+            if self.sampler is None:
+                raise ConfigError("lazy_item_updates needs the sampled loss (--loss sampled)")
+            if self.world.distributed:
+                raise ConfigError("lazy_item_updates runs on one process only, not under torchrun")
+            if self.teacher is not None and not config.ted_samples:
+                raise ConfigError("lazy_item_updates needs ted_samples >= 1 (0 reads the whole table)")
+            return LazyItemAdam(self.model, config.lr, betas, decay)
         # fused: one kernel per parameter instead of a chain of foreach passes over it; the
         # same update, 12x faster on the CPU (0.17 -> 0.014 s a step for a 307,000 x 64 item
         # table on one thread, a third of a sampled S2 step), and torch's own CUDA kernel.
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(),
-            lr=config.lr,
-            betas=(0.9, config.adam_beta2),
-            weight_decay=decay,
-            fused=True,
+        return torch.optim.Adam(
+            self.model.parameters(), lr=config.lr, betas=betas, weight_decay=decay, fused=True
         )
 
     def _train_step(self, rows: np.ndarray) -> LossValues:
@@ -621,7 +641,8 @@ class Trainer:
         loss, values = self.objective(inputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # distributed: DDP averages the gradients over the processes meanwhile
-        densify_gradients(self.model)
+        if not self.config.lazy_item_updates:  # lazy: the item rows stay sparse
+            densify_gradients(self.model)
         self.optimizer.step()
         return values
 

@@ -13,7 +13,14 @@ from mqsa import cli
 from mqsa.errors import ConfigError
 from mqsa.models.mqsa import MQSA, MQSAConfig
 from mqsa.training.losses import LossSettings, TEDTeacher, l2_penalty, mqsa_loss
-from mqsa.training.sampled_loss import Candidates, NegativeSampler, sampled_logsumexp, sampled_mqsa_loss
+from mqsa.training.sampled_loss import (
+    Candidates,
+    NegativeSampler,
+    _SampledLogPartition,
+    accidental_hits,
+    sampled_logsumexp,
+    sampled_mqsa_loss,
+)
 from mqsa.training.sequences import left_pad
 from mqsa.training.trainer import L2_VALUE_EVERY, Objective, TrainConfig
 from mqsa.training.transitions import TransitionGraph
@@ -361,3 +368,43 @@ def test_loss_auto_is_exact_up_to_the_threshold_and_sampled_above() -> None:
     assert auto.loss_settings(SAMPLED_ABOVE + 1).l2_in_optimizer
     assert TrainConfig(loss="exact").objective(10**7) == "exact"
     assert TrainConfig(loss="sampled").objective(10) == "sampled"
+
+
+def test_accidental_hits_are_every_candidate_equal_to_its_rows_positive() -> None:
+    items = torch.tensor([4, 1, 4, 7, 1, 4])
+    positives = torch.tensor([4, 2, 1, 7, 4])
+    rows, cols = accidental_hits(positives, items)
+    found = sorted(zip(rows.tolist(), cols.tolist(), strict=True))
+    want = sorted((r, c) for r in range(5) for c in range(6) if items[c] == positives[r])
+    assert found == want and len(found) == 9
+
+
+def test_the_written_out_log_partition_is_the_composed_one_values_and_gradients() -> None:
+    """_SampledLogPartition against mm, logQ, mask and logsumexp composed by autograd: the
+    same values and gradients (float64), with repeated candidates, hits, and a row whose
+    every candidate is its positive (its term is -inf and passes no gradient, not NaN)."""
+    gen = torch.Generator().manual_seed(0)
+    queries = torch.randn(5, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    table = torch.randn(N, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    items = torch.tensor([2, 5, 2, 9, 0])
+    log_expected = torch.randn(5, dtype=torch.float64, generator=gen)
+    positives = torch.tensor([2, 5, 7, 0, 3])
+    composed = (queries @ table[items].T - log_expected).masked_fill(
+        items[None, :] == positives[:, None], -math.inf
+    )
+    want = torch.logsumexp(composed, 1)
+    rows, cols = accidental_hits(positives, items)
+    got = _SampledLogPartition.apply(queries, table[items], log_expected, rows, cols, torch.float64)
+    torch.testing.assert_close(got, want)
+    weights = torch.randn(5, dtype=torch.float64, generator=gen)
+    grads = [torch.autograd.grad((out * weights).sum(), (queries, table)) for out in (got, want)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+    only = torch.tensor([5, 5])
+    row_q = queries[1:2].detach().requires_grad_()
+    r, c = accidental_hits(positives[1:2], only)
+    lse = _SampledLogPartition.apply(
+        row_q, table[only], torch.zeros(2, dtype=torch.float64), r, c, torch.float64
+    )
+    (grad,) = torch.autograd.grad(torch.logaddexp(torch.zeros(1, dtype=torch.float64), lse).sum(), row_q)
+    assert lse.item() == -math.inf and torch.all(grad == 0)

@@ -1,0 +1,130 @@
+"""Lazy item updates (training/item_updates.py, ``TrainConfig.lazy_item_updates``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mqsa import cli
+from mqsa.errors import ConfigError
+from mqsa.models.mqsa import MQSA, MQSAConfig
+from mqsa.training.item_updates import LazyItemAdam
+from mqsa.training.losses import LossSettings
+from mqsa.training.sampled_loss import NegativeSampler, item_total, sampled_mqsa_loss
+from mqsa.training.trainer import TrainConfig, Trainer
+
+N, D, L2 = 9, 4, 1e-2
+
+
+def tiny_model() -> MQSA:
+    torch.manual_seed(0)
+    model = MQSA(MQSAConfig(num_items=N, max_len=6, hidden_size=D, num_heads=1, windows=(2,)))
+    with torch.no_grad():
+        model.item_table()[:N].normal_(0.0, 0.3)
+    return model
+
+
+def row_gradient(rows: list[int], values: torch.Tensor) -> torch.Tensor:
+    """A sparse (N + 1, D) gradient with ``values`` (R, D) at ``rows`` (repeats allowed)."""
+    return torch.sparse_coo_tensor(torch.tensor([rows]), values, (N + 1, D), check_invariants=True)
+
+
+def test_only_the_rows_in_the_gradient_move_and_keep_their_moments() -> None:
+    model = tiny_model()
+    optimizer = LazyItemAdam(model, lr=0.1, betas=(0.9, 0.999), l2=L2)
+    before = model.item_table().detach().clone()
+    model.item_table().grad = row_gradient([2, 5, 2], torch.ones(3, D))
+    optimizer.step()
+    after = model.item_table().detach()
+    moved = (after != before).any(dim=1).nonzero().squeeze(1).tolist()
+    assert moved == [2, 5]
+    state = optimizer.items.state[model.item_table()]
+    untouched = [r for r in range(N + 1) if r not in (2, 5)]
+    assert torch.all(state["exp_avg"][untouched] == 0) and torch.all(state["exp_avg_sq"][untouched] == 0)
+
+
+def test_with_every_row_in_the_gradient_it_is_adam_with_weight_decay() -> None:
+    """All rows touched every step: the lazy step is Adam's, the L2 gradient l2 * w included."""
+    lazy_model, dense_model = tiny_model(), tiny_model()
+    lazy = LazyItemAdam(lazy_model, lr=0.05, betas=(0.9, 0.98), l2=L2)
+    dense = torch.optim.Adam([dense_model.item_table()], lr=0.05, betas=(0.9, 0.98), weight_decay=L2)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        grad = torch.randn(N + 1, D, generator=generator)
+        lazy_model.item_table().grad = row_gradient(list(range(N + 1)), grad)
+        dense_model.item_table().grad = grad.clone()
+        lazy.step()
+        dense.step()
+    assert torch.allclose(lazy_model.item_table(), dense_model.item_table(), atol=1e-6)
+    assert not torch.equal(lazy_model.item_table(), tiny_model().item_table())
+
+
+def test_a_dense_item_gradient_is_refused() -> None:
+    model = tiny_model()
+    optimizer = LazyItemAdam(model, lr=0.1, betas=(0.9, 0.999), l2=0.0)
+    model.item_table().grad = torch.ones(N + 1, D)
+    with pytest.raises(RuntimeError, match="sparse item-table gradient"):
+        optimizer.step()
+
+
+def test_the_estimated_item_total_is_unbiased_and_touches_only_its_rows() -> None:
+    model = tiny_model()
+    exact = model.item_total().detach()
+    torch.manual_seed(3)
+    estimates = torch.stack([item_total(model, 4, torch.device("cpu")).detach() for _ in range(4000)])
+    assert torch.allclose(estimates.mean(0), exact, atol=0.05 * exact.abs().max().item() + 0.02)
+    model.use_sparse_item_gradients()
+    item_total(model, 3, torch.device("cpu")).sum().backward()
+    grad = model.item_table().grad.coalesce()
+    assert grad.is_sparse and 1 <= grad.indices().shape[1] <= 3
+
+
+def test_the_sampled_loss_with_an_estimated_total_gives_the_table_a_sparse_gradient() -> None:
+    """With TED and the uniform share estimated, nothing reads the whole table."""
+    from tests.training.test_sampled_loss import tiny_setup
+
+    model, inputs, targets, teacher, counts = tiny_setup()
+    model.use_sparse_item_gradients()
+    s = LossSettings(0.1, 0.1, 1e-4, 256, torch.float32, l2_in_optimizer=True, ted_samples=2, total_samples=5)
+    loss, _ = sampled_mqsa_loss(
+        model, inputs, targets, teacher, s, NegativeSampler.from_counts(counts, 4), l2_value=None
+    )
+    loss.backward()
+    assert model.item_table().grad.is_sparse
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"loss": "exact"}, "lazy_item_updates needs the sampled loss"),
+        ({"loss": "sampled", "ted_samples": 0}, "lazy_item_updates needs ted_samples >= 1"),
+    ],
+)
+def test_lazy_updates_without_what_they_need_are_config_errors(
+    synthetic_data, tmp_path, kwargs, message
+) -> None:
+    config = TrainConfig(epochs=1, lazy_item_updates=True, **kwargs)
+    with pytest.raises(ConfigError, match=message):
+        Trainer(synthetic_data, tmp_path, {"max_len": 10, "hidden_size": 16}, config, progress=False)
+
+
+def lazy_argv(data, out) -> list[str]:
+    argv = ["train", "--data", str(data), "--out", str(out), "--quiet", "--device", "cpu", "--threads", "1"]
+    argv += ["--batch-size", "128", "--seed", "7", "--max-len", "20", "--hidden-size", "32"]
+    return [*argv, "--loss", "sampled", "--negatives", "64", "--lazy-item-updates"]
+
+
+def test_a_lazy_run_learns_and_resumes_to_the_same_weights(synthetic_data, tmp_path) -> None:
+    """Three epochs in one go, and two then a resumed third (the two optimizers' states
+    saved and loaded): the same weights and metrics; and better than popularity."""
+    assert cli.main([*lazy_argv(synthetic_data, tmp_path / "once"), "--epochs", "3"]) == 0
+    assert cli.main([*lazy_argv(synthetic_data, tmp_path / "split"), "--epochs", "2"]) == 0
+    assert cli.main([*lazy_argv(synthetic_data, tmp_path / "split"), "--epochs", "3", "--resume"]) == 0
+    once, split = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("once", "split"))
+    assert once["train_config"]["lazy_item_updates"] and once["epochs_run"] == split["epochs_run"] == 3
+    assert once["valid"] == split["valid"] and once["test"] == split["test"]
+    weights = [torch.load(tmp_path / d / "best.pt", weights_only=False) for d in ("once", "split")]
+    assert all(torch.equal(a, b) for a, b in zip(*(w["state_dict"].values() for w in weights), strict=True))
+    assert once["test"]["NDCG@10"] > once["baselines"]["Popularity"]["test"]["NDCG@10"]
