@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -99,12 +99,19 @@ class NegativeSampler:
         log_q: (N,) log q(j) of the sampled negatives' distribution.
         log_p: (N,) log p(j), plain popularity, the in-batch targets' distribution
             (-inf for items never seen in training).
+        cumulative_q: (N,) float64 running sum of q, derived: a draw is a binary search of
+            a uniform number in it, O(K log N), where ``torch.multinomial`` over q (and
+            exponentiating log q) made two passes over N every step, 4.5 ms at 10^6 items.
     """
 
     negatives: int
     in_batch: bool
     log_q: torch.Tensor
     log_p: torch.Tensor
+    cumulative_q: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.cumulative_q = torch.cumsum(self.log_q.double().exp(), 0)  # (N,)
 
     @classmethod
     def from_counts(
@@ -130,7 +137,12 @@ class NegativeSampler:
         The K negatives come from torch's global generator (seeded by the trainer,
         saved and restored with a run's state).
         """
-        drawn = torch.multinomial(self.log_q.exp(), self.negatives, replacement=True)  # (K,)
+        cumulative = self.cumulative_q
+        uniform = torch.rand(self.negatives, dtype=cumulative.dtype, device=cumulative.device)  # (K,)
+        drawn = torch.searchsorted(
+            cumulative, uniform * cumulative[-1], side="right"
+        )  # (K,) with replacement
+        drawn = drawn.clamp_max(len(cumulative) - 1)  # u * total rounding up to the total itself
         items = torch.cat([drawn, targets]) if self.in_batch else drawn  # (C,)
         expected = self.negatives * self.log_q[items].exp()  # (C,) K q(j)
         if self.in_batch:

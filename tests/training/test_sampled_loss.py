@@ -161,6 +161,19 @@ def test_sampler_draws_k_shared_negatives_and_the_batch_targets() -> None:
     assert NegativeSampler.from_counts(counts, negatives=7).draw(targets).items.shape == (7,)
 
 
+def test_negatives_are_drawn_with_each_items_probability_q() -> None:
+    """200,000 draws: every item's frequency within 5 standard errors of q(j), the first
+    and the last item (the binary search's ends) included."""
+    counts = [10, 0, 3, 1, 0, 0, 0, 0, 0, 0, 6]
+    sampler = NegativeSampler.from_counts(counts, negatives=200_000)
+    torch.manual_seed(0)
+    drawn = sampler.draw(torch.tensor([], dtype=torch.long)).items
+    q = sampler.log_q.double().exp()
+    seen = torch.bincount(drawn, minlength=len(counts)).double() / len(drawn)
+    assert drawn.min() >= 0 and drawn.max() < len(counts)
+    assert torch.all((seen - q).abs() < 5 * (q * (1 - q) / len(drawn)).sqrt())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
