@@ -30,6 +30,11 @@ fractions of the target score, the first epoch each run reaches it.
     python bench/warm_start.py --stage warm --threads 1      # after `old` has finished
     python bench/warm_start.py --stage report                # JSON + markdown table
 
+``--seed S`` (other than 42) trains the scratch and warm runs with seed S, into
+``scratch-seedS`` and ``warm[-dropN]-seedS`` (the old model stays seed 42's: yesterday's
+serving model is a given), and ``--stage report --seed S`` compares those two, writing
+the record with ``-seedS`` in its name.
+
 ``--drop N`` (default 3) makes yesterday's data every sequence without its last N items:
 ``--drop 1`` is closer to a nightly run's change (and yesterday's test target is then
 today's validation target: ranked once at the old run's end, never trained on nor used
@@ -193,10 +198,14 @@ def initial_valid(old_name: str) -> dict[str, float]:
         return evaluate_model(trainer.model, trainer.data.eval_sets["valid"])
 
 
-def report(drop: int = DROP, warm_name: str | None = None) -> dict:
+def report(drop: int = DROP, warm_name: str | None = None, seed_suffix: str = "") -> dict:
     """Compare the three runs; write the record of ``drop`` and print a markdown table."""
     old_name, default_warm = run_names(drop)
-    names = {"old": old_name, "scratch": "scratch", "warm": warm_name or default_warm}
+    names = {
+        "old": old_name,
+        "scratch": f"scratch{seed_suffix}",
+        "warm": warm_name or default_warm + seed_suffix,
+    }
     metrics = {role: run_record(name) for role, name in names.items()}
     rows = {role: history(name) for role, name in names.items()}
     target = metrics["scratch"]["valid"]["NDCG@20"]
@@ -235,6 +244,7 @@ def report(drop: int = DROP, warm_name: str | None = None) -> dict:
         "curves": {n: [(int(r["epoch"]), r["seconds"], r.get(METRIC)) for r in rows[n]] for n in rows},
     }
     record = record_path(drop)
+    record = record.with_name(record.stem + seed_suffix + record.suffix)
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
@@ -289,7 +299,7 @@ def main() -> None:
     old_name, warm_name = run_names(args.drop)
     suffix = "" if args.seed == 42 else f"-seed{args.seed}"
     if args.stage == "report":
-        report(args.drop, args.name)
+        report(args.drop, args.name, suffix)
     elif args.stage == "old":
         old_data = RESULTS / f"{old_name}-data"
         train_run(old_name, make_old_data(DATA, old_data, args.drop), args.threads, args.patience, None)

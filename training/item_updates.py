@@ -3,8 +3,9 @@
 With the sampled loss a batch reads a few thousand rows of the item table (its items,
 the shared negatives, TED's transitions), yet Adam updates every row in every step:
 its moments decay and the L2 penalty's gradient l2 * w is nonzero on every row. At
-10^6 items that dense pass (with the dense gradient it needs) is most of an S3 step
-(docs/scaling.md). :class:`LazyItemAdam` updates only the rows the batch used, with
+10^6 items that dense pass, the dense gradient it needs and TED's sum over the table
+were about 0.14 of an S3 step's 0.31 s (one thread; docs/scaling.md, "Lazy item
+updates"). :class:`LazyItemAdam` updates only the rows the batch used, with
 :class:`RowAdam` (the lazy Adam of torch's ``SparseAdam``, TensorFlow Addons and most
 large-embedding recommenders), their L2 gradient added for those rows only; every
 other parameter keeps the fused dense Adam. Rows a batch does not touch keep their
@@ -33,7 +34,7 @@ class RowAdam(torch.optim.Optimizer):
     because that one goes through sparse-dense additions: for the 11,700 rows of an S3
     step's gradient (a 10^6 x 64 table, one thread, coalesced) it took 31 ms against
     22 ms for gathering the rows, updating them and writing them back (a one-off timing
-    on a loaded 2-core machine; an S3 step is ~0.17 s).
+    on a loaded 2-core machine, where a lazy S3 step took ~0.17 s).
 
     Args:
         params: the tables (their gradients must be sparse).
@@ -113,9 +114,11 @@ class LazyItemAdam:
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
+        """The network's groups, then the item table's: a learning rate set on each reaches both."""
         return self.network.param_groups + self.items.param_groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Both optimizers' gradients cleared."""
         self.network.zero_grad(set_to_none=set_to_none)
         self.items.zero_grad(set_to_none=set_to_none)
 
@@ -125,8 +128,10 @@ class LazyItemAdam:
         self.network.step()
 
     def state_dict(self) -> dict[str, Any]:
+        """``{"network": Adam's state, "items": RowAdam's}``."""
         return {"network": self.network.state_dict(), "items": self.items.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` returned."""
         self.network.load_state_dict(state["network"])
         self.items.load_state_dict(state["items"])

@@ -153,6 +153,10 @@ class NegativeSampler:
 def accidental_hits(positives: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Where a candidate is its row's positive: (H,) rows and (H,) columns of the (R, C) logits.
 
+    Args:
+        positives: (R,) each row's positive item.
+        items: (C,) the candidates (repeats allowed).
+
     Found by a binary search of each positive among the sorted candidates, O(R log C),
     instead of an (R, C) comparison: hits are rare (a handful per batch at 10^5 items and
     up), and the comparison and its mask were a sixth of a sampled step at 10^6 items.
@@ -172,7 +176,11 @@ class _SampledLogPartition(torch.autograd.Function):
     passes) because on a CPU the (R, C) matrix, not the product, is the cost: this makes
     about 4 passes over it forward and 1 backward instead of about 14 (it keeps the
     exponentials for the backward pass instead of the logits). Forward and backward
-    products in ``dtype``; the log-sum-exp in float32.
+    products in ``dtype``; the log-sum-exp in float32 (float64 for float64 queries).
+
+    Args of ``apply``: queries (R, D); cand (C, D), the candidates' rows; log_expected
+    (C,) log m(c_k); hit_rows and hit_cols (H,) from :func:`accidental_hits`; dtype of
+    the products. Returns (R,), -inf for a row whose every candidate is its positive.
     """
 
     @staticmethod
@@ -199,8 +207,9 @@ class _SampledLogPartition(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         queries, cand, weights, total = ctx.saved_tensors
-        # d lse_r / d logit_rk = softmax_rk; the clamp keeps an all-hits row's 0 / 0 at 0
-        scaled = (weights * (grad[:, None] / total.clamp_min(torch.finfo(total.dtype).tiny))).to(ctx.dtype)
+        # d lse_r / d logit_rk = softmax_rk. A row's top candidate adds exp(0) = 1 to its total,
+        # so the clamp changes nothing but an all-hits row's 0 / 0, which it makes 0.
+        scaled = (weights * (grad[:, None] / total.clamp_min(1.0))).to(ctx.dtype)
         grad_queries = (scaled @ cand.to(ctx.dtype)).to(queries.dtype) if ctx.needs_input_grad[0] else None
         grad_cand = (scaled.T @ queries.to(ctx.dtype)).to(cand.dtype) if ctx.needs_input_grad[1] else None
         return grad_queries, grad_cand, None, None, None, None
@@ -238,7 +247,14 @@ def sampled_logsumexp(
 def item_total(model: MQSA, samples: int, device: torch.device) -> torch.Tensor:
     """(D,) sum_j E_j over the real items: exact (``samples`` 0, a dense gradient), or
     N / S times the sum of S rows drawn uniformly with replacement (unbiased; only those S
-    rows get a gradient). Draws use torch's global generator."""
+    rows get a gradient, each N / S times the share it stands for). Draws use torch's
+    global generator.
+
+    Args:
+        model: the network (its item rows, through ``item_rows``).
+        samples: S, rows drawn; 0 sums every row.
+        device: where to draw.
+    """
     if not samples:
         return model.item_total()
     num_items = model.config.num_items

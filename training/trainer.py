@@ -133,11 +133,12 @@ class TrainConfig:
             estimated from this many draws from its teacher row, unbiased, where the row has
             more entries (a popular item's row holds thousands; 0 = every entry, exact).
         lazy_item_updates: sampled loss, one process: update only the item rows a batch
-            used (torch's SparseAdam, their L2 gradient included; Adam for the rest of the
-            network) and estimate TED's uniform share of the table from `negatives`
-            uniformly drawn rows, so a step's cost stops growing with the catalogue. Rows a
-            batch does not use keep their Adam moments and get no L2 decay that step (lazy
-            Adam): another optimisation than the paper's; docs/scaling.md has its accuracy.
+            used (Adam on those rows, their L2 gradient included; the rest of the network
+            as before; training/item_updates.py) and estimate TED's uniform share of the
+            table from `negatives` uniformly drawn rows, so a step's cost stops growing
+            with the catalogue. Rows a batch does not use keep their Adam moments and get
+            no L2 decay that step (lazy Adam): another optimisation than the paper's, whose
+            accuracy docs/scaling.md reports ("Lazy item updates").
         lr_schedule: constant (lr every epoch, the paper's) or cosine: epoch e trains at
             lr_min + (lr - lr_min) * (1 + cos(pi * (e - 1) / lr_decay_epochs)) / 2, lr_min =
             lr / 100, and at lr_min after lr_decay_epochs epochs (for runs that should settle
@@ -202,6 +203,10 @@ class TrainConfig:
             raise ConfigError(f"loss must be auto, exact or sampled, got {self.loss!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.lazy_item_updates and self.loss == "exact":
+            raise ConfigError("lazy_item_updates needs the sampled loss (--loss sampled)")
+        if self.lazy_item_updates and self.lambda_kd > 0 and not self.ted_samples:
+            raise ConfigError("lazy_item_updates needs ted_samples >= 1 (0 reads the whole table)")
 
     def lr_decay_length(self) -> int:
         """The cosine schedule's length in epochs, resolved (0: a constant rate)."""
@@ -521,12 +526,7 @@ class Trainer:
         # the sampled loss's L2 moved into Adam) and the fused kernel (one saved before it).
         # Set in the saved groups before loading: the fused flag also says where Adam's step
         # counts go (on the parameters' device when fused).
-        lazy = isinstance(self.optimizer, LazyItemAdam)
-        network = self.optimizer.network if lazy else self.optimizer
-        mine = {k: network.param_groups[0][k] for k in ("weight_decay", "fused")}
-        for group in (state.optimizer["network"] if lazy else state.optimizer)["param_groups"]:
-            group.update(mine)
-        self.optimizer.load_state_dict(state.optimizer)
+        self.optimizer.load_state_dict(self._with_my_flags(state.optimizer))
         restore_rng(state, self.rng)
         self.history, self.best, self.best_state, self.stale = (
             state.history,
@@ -538,6 +538,20 @@ class Trainer:
         self.resumed_at = [*state.resumed_at, state.epoch]
         self.warm_start = state.warm_start
         return state.epoch
+
+    def _with_my_flags(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A saved optimizer state with this version's ``weight_decay`` and ``fused`` (see _resume)."""
+        if isinstance(self.optimizer, LazyItemAdam):
+            items = self.optimizer.items.param_groups[0]["weight_decay"]
+            for group in saved["items"]["param_groups"]:
+                group["weight_decay"] = items
+            network, groups = self.optimizer.network, saved["network"]["param_groups"]
+        else:
+            network, groups = self.optimizer, saved["param_groups"]
+        mine = {k: network.param_groups[0][k] for k in ("weight_decay", "fused")}
+        for group in groups:
+            group.update(mine)
+        return saved
 
     def _warm_start(self) -> None:
         """Start from ``config.init_from``'s weights (``training.warm_start``), if given."""
@@ -608,6 +622,8 @@ class Trainer:
             self.sampler = NegativeSampler.from_counts(counts, k, config.in_batch_negatives).to(self.device)
         self.model = MQSA(self.model_config).to(self.device)
         objective = Objective(self.model, self.teacher, self.loss_settings, self.sampler)
+        if config.lazy_item_updates and self.world.distributed:  # before DDP is built
+            raise ConfigError("lazy_item_updates runs on one process only, not under torchrun")
         self.objective = self.world.wrap(objective, self.device)  # the training step's one call
         if self.sampler is not None and (self.teacher is not None or not self.world.distributed):
             # Only the rows a batch uses get a gradient. Under DDP (which expects the dense
@@ -621,12 +637,8 @@ class Trainer:
         decay = config.l2 if self.loss_settings.l2_in_optimizer else 0.0  # the penalty's gradient
         betas = (0.9, config.adam_beta2)
         if config.lazy_item_updates:
-            if self.sampler is None:
+            if self.sampler is None:  # --loss auto, resolved to exact for this catalogue
                 raise ConfigError("lazy_item_updates needs the sampled loss (--loss sampled)")
-            if self.world.distributed:
-                raise ConfigError("lazy_item_updates runs on one process only, not under torchrun")
-            if self.teacher is not None and not config.ted_samples:
-                raise ConfigError("lazy_item_updates needs ted_samples >= 1 (0 reads the whole table)")
             return LazyItemAdam(self.model, config.lr, betas, decay)
         # fused: one kernel per parameter instead of a chain of foreach passes over it; the
         # same update, 12x faster on the CPU (0.17 -> 0.014 s a step for a 307,000 x 64 item

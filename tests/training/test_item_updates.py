@@ -32,17 +32,31 @@ def row_gradient(rows: list[int], values: torch.Tensor) -> torch.Tensor:
 
 
 def test_only_the_rows_in_the_gradient_move_and_keep_their_moments() -> None:
+    """A step on row 3, then one on rows 2 and 5: the second leaves row 3's weights and
+    moments as the first left them (no decay), and moves rows 2 and 5 only."""
     model = tiny_model()
     optimizer = LazyItemAdam(model, lr=0.1, betas=(0.9, 0.999), l2=L2)
+    model.item_table().grad = row_gradient([3], torch.ones(1, D))
+    optimizer.step()
+    state = optimizer.items.state[model.item_table()]
     before = model.item_table().detach().clone()
+    moments = state["exp_avg"].clone(), state["exp_avg_sq"].clone()
+    assert torch.all(moments[0][3] != 0)
     model.item_table().grad = row_gradient([2, 5, 2], torch.ones(3, D))
     optimizer.step()
-    after = model.item_table().detach()
-    moved = (after != before).any(dim=1).nonzero().squeeze(1).tolist()
-    assert moved == [2, 5]
-    state = optimizer.items.state[model.item_table()]
+    moved = (model.item_table().detach() != before).any(dim=1).nonzero().squeeze(1).tolist()
+    assert moved == [2, 5] and state["step"] == 2
     untouched = [r for r in range(N + 1) if r not in (2, 5)]
-    assert torch.all(state["exp_avg"][untouched] == 0) and torch.all(state["exp_avg_sq"][untouched] == 0)
+    assert torch.equal(state["exp_avg"][untouched], moments[0][untouched])
+    assert torch.equal(state["exp_avg_sq"][untouched], moments[1][untouched])
+
+
+def test_a_learning_rate_set_on_the_groups_reaches_both_optimizers() -> None:
+    optimizer = LazyItemAdam(tiny_model(), lr=0.1, betas=(0.9, 0.999), l2=L2)
+    assert len(optimizer.param_groups) == 2
+    for group in optimizer.param_groups:
+        group["lr"] = 0.005
+    assert optimizer.network.param_groups[0]["lr"] == optimizer.items.param_groups[0]["lr"] == 0.005
 
 
 def test_with_every_row_in_the_gradient_it_is_adam_with_weight_decay() -> None:
@@ -79,6 +93,7 @@ def test_the_estimated_item_total_is_unbiased_and_touches_only_its_rows() -> Non
     item_total(model, 3, torch.device("cpu")).sum().backward()
     grad = model.item_table().grad.coalesce()
     assert grad.is_sparse and 1 <= grad.indices().shape[1] <= 3
+    assert grad.indices().max() < N  # never the padding row
 
 
 def test_the_sampled_loss_with_an_estimated_total_gives_the_table_a_sparse_gradient() -> None:
@@ -102,11 +117,16 @@ def test_the_sampled_loss_with_an_estimated_total_gives_the_table_a_sparse_gradi
         ({"loss": "sampled", "ted_samples": 0}, "lazy_item_updates needs ted_samples >= 1"),
     ],
 )
-def test_lazy_updates_without_what_they_need_are_config_errors(
-    synthetic_data, tmp_path, kwargs, message
-) -> None:
-    config = TrainConfig(epochs=1, lazy_item_updates=True, **kwargs)
+def test_lazy_updates_without_what_they_need_are_refused_before_the_data_is_read(kwargs, message) -> None:
     with pytest.raises(ConfigError, match=message):
+        TrainConfig(lazy_item_updates=True, **kwargs)
+
+
+def test_lazy_updates_where_auto_resolves_to_the_exact_loss_are_a_config_error(
+    synthetic_data, tmp_path
+) -> None:
+    config = TrainConfig(epochs=1, lazy_item_updates=True)  # --loss auto: exact for 200 items
+    with pytest.raises(ConfigError, match="lazy_item_updates needs the sampled loss"):
         Trainer(synthetic_data, tmp_path, {"max_len": 10, "hidden_size": 16}, config, progress=False)
 
 

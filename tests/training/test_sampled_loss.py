@@ -421,3 +421,23 @@ def test_the_written_out_log_partition_is_the_composed_one_values_and_gradients(
     )
     (grad,) = torch.autograd.grad(torch.logaddexp(torch.zeros(1, dtype=torch.float64), lse).sum(), row_q)
     assert lse.item() == -math.inf and torch.all(grad == 0)
+
+
+def test_the_written_out_log_partition_in_bf16_is_the_composed_bf16_one() -> None:
+    """Products in bfloat16 (``--precision bf16``), log-sum-exp in float32: the composed
+    code's values and gradients, to bfloat16's precision."""
+    gen = torch.Generator().manual_seed(1)
+    queries = torch.randn(64, 8, generator=gen, requires_grad=True)
+    table = torch.randn(N, 8, generator=gen, requires_grad=True)
+    items, positives = torch.randint(N, (40,), generator=gen), torch.randint(N, (64,), generator=gen)
+    log_expected = torch.randn(40, generator=gen)
+    bf16 = torch.bfloat16
+    logits = (queries.to(bf16) @ table[items].to(bf16).T).float() - log_expected
+    want = torch.logsumexp(logits.masked_fill(items[None, :] == positives[:, None], -math.inf), 1)
+    rows, cols = accidental_hits(positives, items)
+    got = _SampledLogPartition.apply(queries, table[items], log_expected, rows, cols, bf16)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    grads = [torch.autograd.grad(out.sum(), (queries, table)) for out in (got, want)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
