@@ -28,10 +28,9 @@ import torch
 
 from mqsa.models.mqsa import MQSA, MQSAConfig
 from mqsa.training.host_memory import keep_freed_memory
-from mqsa.training.item_updates import LazyItemAdam
 from mqsa.training.losses import LossSettings, TEDTeacher
 from mqsa.training.sampled_loss import NegativeSampler
-from mqsa.training.trainer import Objective, TrainConfig, densify_gradients
+from mqsa.training.trainer import Objective, TrainConfig, build_optimizer, ready_gradients
 from mqsa.training.transitions import TransitionGraph
 
 
@@ -66,10 +65,9 @@ def time_steps(n: int, loss: str, args: argparse.Namespace) -> float:
     torch.manual_seed(0)
     model = MQSA(MQSAConfig(num_items=n))
     sampled = loss == "sampled"  # as the trainer sets it up: L2's gradient in Adam, sparse lookups
-    decay = 1e-4 if sampled else 0.0
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=decay, fused=True)
     samples = TrainConfig().ted_samples if sampled else 0
     settings = LossSettings(0.1, 0.1, 1e-4, 256, torch.float32, l2_in_optimizer=sampled, ted_samples=samples)
+    optimizer = build_optimizer(model, TrainConfig(), settings, sampled)
     ted = teacher(rng, n, args.transitions)
     counts = np.minimum(rng.zipf(1.2, n), 10**6)
     sampler = NegativeSampler.from_counts(counts, 1024)
@@ -83,7 +81,7 @@ def time_steps(n: int, loss: str, args: argparse.Namespace) -> float:
         value, _ = objective(inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
-        densify_gradients(model)
+        ready_gradients(model, optimizer)
         optimizer.step()
         seconds.append(time.process_time() - start)
     return float(np.mean(seconds[1:]))
@@ -106,11 +104,7 @@ def time_data_steps(path: str, samples: int, steps: int, lazy: bool = False) -> 
     torch.manual_seed(0)
     model = MQSA(model_config)
     model.use_sparse_item_gradients()
-    optimizer: torch.optim.Adam | LazyItemAdam
-    if lazy:
-        optimizer = LazyItemAdam(model, config.lr, (0.9, config.adam_beta2), config.l2)
-    else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.l2, fused=True)
+    optimizer = build_optimizer(model, config, settings, sampled=True)  # the trainer's
     order = np.random.default_rng(0).permutation(len(data.examples))
     objective = Objective(model, ted, settings, sampler)  # the trainer's one call
     parts = np.zeros(3)
@@ -124,8 +118,7 @@ def time_data_steps(path: str, samples: int, steps: int, lazy: bool = False) -> 
         marks.append(time.process_time())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if not lazy:
-            densify_gradients(model)
+        ready_gradients(model, optimizer)
         marks.append(time.process_time())
         optimizer.step()
         marks.append(time.process_time())

@@ -360,9 +360,39 @@ class Objective(nn.Module):
         )
 
 
-def densify_gradients(model: nn.Module) -> None:
-    """Make sparse gradients dense (sparse item lookups with nothing dense added): Adam
-    takes dense ones."""
+def build_optimizer(
+    model: MQSA, config: TrainConfig, settings: LossSettings, sampled: bool
+) -> torch.optim.Adam | LazyItemAdam:
+    """The training step's optimizer: Adam over every parameter, or with
+    ``config.lazy_item_updates`` lazy Adam over the item rows (the trainer and
+    bench/sampled_step.py build it here, so the bench times the trainer's step).
+
+    Args:
+        model: the network.
+        config: the run's settings (lr, betas, l2, lazy_item_updates).
+        settings: the loss's settings; with ``l2_in_optimizer`` Adam adds l2 * w.
+        sampled: the loss is the sampled one (lazy updates need it).
+
+    Raises:
+        ConfigError: lazy updates asked for with the exact loss.
+    """
+    decay = config.l2 if settings.l2_in_optimizer else 0.0  # the penalty's gradient
+    betas = (0.9, config.adam_beta2)
+    if config.lazy_item_updates:
+        if not sampled:  # --loss auto, resolved to exact for this catalogue
+            raise ConfigError("lazy_item_updates needs the sampled loss (--loss sampled)")
+        return LazyItemAdam(model, config.lr, betas, decay)
+    # fused: one kernel per parameter instead of a chain of foreach passes over it; the
+    # same update, 12x faster on the CPU (0.17 -> 0.014 s a step for a 307,000 x 64 item
+    # table on one thread, a third of a sampled S2 step), and torch's own CUDA kernel.
+    return torch.optim.Adam(model.parameters(), lr=config.lr, betas=betas, weight_decay=decay, fused=True)
+
+
+def ready_gradients(model: nn.Module, optimizer: torch.optim.Optimizer | LazyItemAdam) -> None:
+    """Make the gradients what ``optimizer`` takes: Adam dense ones (sparse item lookups with
+    nothing dense added give a sparse one); the lazy optimizer keeps the item rows sparse."""
+    if isinstance(optimizer, LazyItemAdam):
+        return
     for p in model.parameters():
         if p.grad is not None and p.grad.is_sparse:
             p.grad = p.grad.to_dense()
@@ -630,22 +660,7 @@ class Trainer:
             # gradient the table had when wrapped) only with TED, whose uniform share keeps
             # the summed gradient dense.
             self.model.use_sparse_item_gradients()
-        self.optimizer = self._optimizer(config)
-
-    def _optimizer(self, config: TrainConfig) -> torch.optim.Adam | LazyItemAdam:
-        """Adam over every parameter, or with ``lazy_item_updates`` lazy Adam over the item rows."""
-        decay = config.l2 if self.loss_settings.l2_in_optimizer else 0.0  # the penalty's gradient
-        betas = (0.9, config.adam_beta2)
-        if config.lazy_item_updates:
-            if self.sampler is None:  # --loss auto, resolved to exact for this catalogue
-                raise ConfigError("lazy_item_updates needs the sampled loss (--loss sampled)")
-            return LazyItemAdam(self.model, config.lr, betas, decay)
-        # fused: one kernel per parameter instead of a chain of foreach passes over it; the
-        # same update, 12x faster on the CPU (0.17 -> 0.014 s a step for a 307,000 x 64 item
-        # table on one thread, a third of a sampled S2 step), and torch's own CUDA kernel.
-        return torch.optim.Adam(
-            self.model.parameters(), lr=config.lr, betas=betas, weight_decay=decay, fused=True
-        )
+        self.optimizer = build_optimizer(self.model, config, self.loss_settings, self.sampler is not None)
 
     def _train_step(self, rows: np.ndarray) -> LossValues:
         """Forward, backward (gradients averaged over processes) and one Adam step on a batch."""
@@ -653,8 +668,7 @@ class Trainer:
         loss, values = self.objective(inputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # distributed: DDP averages the gradients over the processes meanwhile
-        if not self.config.lazy_item_updates:  # lazy: the item rows stay sparse
-            densify_gradients(self.model)
+        ready_gradients(self.model, self.optimizer)
         self.optimizer.step()
         return values
 

@@ -13,7 +13,7 @@ from mqsa.models.mqsa import MQSA, MQSAConfig
 from mqsa.training.item_updates import LazyItemAdam
 from mqsa.training.losses import LossSettings
 from mqsa.training.sampled_loss import NegativeSampler, item_total, sampled_mqsa_loss
-from mqsa.training.trainer import TrainConfig, Trainer
+from mqsa.training.trainer import TrainConfig, Trainer, build_optimizer, ready_gradients
 
 N, D, L2 = 9, 4, 1e-2
 
@@ -49,6 +49,23 @@ def test_only_the_rows_in_the_gradient_move_and_keep_their_moments() -> None:
     untouched = [r for r in range(N + 1) if r not in (2, 5)]
     assert torch.equal(state["exp_avg"][untouched], moments[0][untouched])
     assert torch.equal(state["exp_avg_sq"][untouched], moments[1][untouched])
+
+
+def test_ready_gradients_keeps_the_table_sparse_for_the_lazy_optimizer_only() -> None:
+    """The trainer's and bench/sampled_step.py's one optimizer: lazy keeps the item rows'
+    gradient sparse, Adam gets it dense (the same values)."""
+    settings = TrainConfig(loss="sampled").loss_settings()
+    for lazy in (True, False):
+        model = tiny_model()
+        optimizer = build_optimizer(model, TrainConfig(lazy_item_updates=lazy), settings, sampled=True)
+        assert isinstance(optimizer, LazyItemAdam) == lazy
+        model.item_table().grad = row_gradient([3, 3], torch.ones(2, D))
+        ready_gradients(model, optimizer)
+        grad = model.item_table().grad
+        assert grad.is_sparse == lazy
+        assert torch.equal(grad.to_dense()[3], torch.full((D,), 2.0))
+    with pytest.raises(ConfigError, match="needs the sampled loss"):
+        build_optimizer(tiny_model(), TrainConfig(lazy_item_updates=True), settings, sampled=False)
 
 
 def test_a_learning_rate_set_on_the_groups_reaches_both_optimizers() -> None:
