@@ -11,8 +11,7 @@ from mqsa import cli
 from mqsa.errors import ConfigError
 from mqsa.models.mqsa import MQSA, MQSAConfig
 from mqsa.training.item_updates import LazyItemAdam
-from mqsa.training.losses import LossSettings
-from mqsa.training.sampled_loss import NegativeSampler, item_total, sampled_mqsa_loss
+from mqsa.training.sampled_loss import item_total
 from mqsa.training.trainer import TrainConfig, Trainer, build_optimizer, ready_gradients
 
 N, D, L2 = 9, 4, 1e-2
@@ -111,20 +110,6 @@ def test_the_estimated_item_total_is_unbiased_and_touches_only_its_rows() -> Non
     grad = model.item_table().grad.coalesce()
     assert grad.is_sparse and 1 <= grad.indices().shape[1] <= 3
     assert grad.indices().max() < N  # never the padding row
-
-
-def test_the_sampled_loss_with_an_estimated_total_gives_the_table_a_sparse_gradient() -> None:
-    """With TED and the uniform share estimated, nothing reads the whole table."""
-    from tests.training.test_sampled_loss import tiny_setup
-
-    model, inputs, targets, teacher, counts = tiny_setup()
-    model.use_sparse_item_gradients()
-    s = LossSettings(0.1, 0.1, 1e-4, 256, torch.float32, l2_in_optimizer=True, ted_samples=2, total_samples=5)
-    loss, _ = sampled_mqsa_loss(
-        model, inputs, targets, teacher, s, NegativeSampler.from_counts(counts, 4), l2_value=None
-    )
-    loss.backward()
-    assert model.item_table().grad.is_sparse
 
 
 @pytest.mark.parametrize(

@@ -441,3 +441,16 @@ def test_the_written_out_log_partition_in_bf16_is_the_composed_bf16_one() -> Non
     grads = [torch.autograd.grad(out.sum(), (queries, table)) for out in (got, want)]
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_the_sampled_loss_with_an_estimated_total_gives_the_table_a_sparse_gradient() -> None:
+    """With TED and the uniform share estimated, nothing reads the whole table (what
+    ``--lazy-item-updates`` needs)."""
+    model, inputs, targets, teacher, counts = tiny_setup()
+    model.use_sparse_item_gradients()
+    s = LossSettings(0.1, 0.1, 1e-4, 256, torch.float32, l2_in_optimizer=True, ted_samples=2, total_samples=5)
+    loss, _ = sampled_mqsa_loss(
+        model, inputs, targets, teacher, s, NegativeSampler.from_counts(counts, 4), l2_value=None
+    )
+    loss.backward()
+    assert model.item_table().grad.is_sparse
