@@ -67,7 +67,7 @@ def time_steps(n: int, loss: str, args: argparse.Namespace) -> float:
     sampled = loss == "sampled"  # as the trainer sets it up: L2's gradient in Adam, sparse lookups
     samples = TrainConfig().ted_samples if sampled else 0
     settings = LossSettings(0.1, 0.1, 1e-4, 256, torch.float32, l2_in_optimizer=sampled, ted_samples=samples)
-    optimizer = build_optimizer(model, TrainConfig(), settings, sampled)
+    optimizer = build_optimizer(model, TrainConfig(loss=loss))  # l2 1e-4, in Adam when sampled
     ted = teacher(rng, n, args.transitions)
     counts = np.minimum(rng.zipf(1.2, n), 10**6)
     sampler = NegativeSampler.from_counts(counts, 1024)
@@ -104,7 +104,7 @@ def time_data_steps(path: str, samples: int, steps: int, lazy: bool = False) -> 
     torch.manual_seed(0)
     model = MQSA(model_config)
     model.use_sparse_item_gradients()
-    optimizer = build_optimizer(model, config, settings, sampled=True)  # the trainer's
+    optimizer = build_optimizer(model, config)  # the trainer's
     order = np.random.default_rng(0).permutation(len(data.examples))
     objective = Objective(model, ted, settings, sampler)  # the trainer's one call
     parts = np.zeros(3)

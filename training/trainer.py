@@ -360,22 +360,18 @@ class Objective(nn.Module):
         )
 
 
-def build_optimizer(
-    model: MQSA, config: TrainConfig, settings: LossSettings, sampled: bool
-) -> torch.optim.Adam | LazyItemAdam:
+def build_optimizer(model: MQSA, config: TrainConfig) -> torch.optim.Adam | LazyItemAdam:
     """The training step's optimizer: Adam over every parameter, or with
     ``config.lazy_item_updates`` lazy Adam over the item rows (the trainer and
-    bench/sampled_step.py build it here, so the bench times the trainer's step).
-
-    Args:
-        model: the network.
-        config: the run's settings (lr, betas, l2, lazy_item_updates).
-        settings: the loss's settings; with ``l2_in_optimizer`` Adam adds l2 * w.
-        sampled: the loss is the sampled one (lazy updates need it).
+    bench/sampled_step.py build it here, so the bench times the trainer's step). Whether
+    the loss is sampled, and so whether Adam adds the L2 gradient l2 * w, follows from
+    ``config`` and the model's catalogue, as the loss's own settings do.
 
     Raises:
-        ConfigError: lazy updates asked for with the exact loss.
+        ConfigError: lazy updates asked for where the loss resolves to exact.
     """
+    settings = config.loss_settings(model.config.num_items)
+    sampled = config.objective(model.config.num_items) == "sampled"
     decay = config.l2 if settings.l2_in_optimizer else 0.0  # the penalty's gradient
     betas = (0.9, config.adam_beta2)
     if config.lazy_item_updates:
@@ -660,7 +656,7 @@ class Trainer:
             # gradient the table had when wrapped) only with TED, whose uniform share keeps
             # the summed gradient dense.
             self.model.use_sparse_item_gradients()
-        self.optimizer = build_optimizer(self.model, config, self.loss_settings, self.sampler is not None)
+        self.optimizer = build_optimizer(self.model, config)
 
     def _train_step(self, rows: np.ndarray) -> LossValues:
         """Forward, backward (gradients averaged over processes) and one Adam step on a batch."""

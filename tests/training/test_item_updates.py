@@ -53,10 +53,9 @@ def test_only_the_rows_in_the_gradient_move_and_keep_their_moments() -> None:
 def test_ready_gradients_keeps_the_table_sparse_for_the_lazy_optimizer_only() -> None:
     """The trainer's and bench/sampled_step.py's one optimizer: lazy keeps the item rows'
     gradient sparse, Adam gets it dense (the same values)."""
-    settings = TrainConfig(loss="sampled").loss_settings()
     for lazy in (True, False):
         model = tiny_model()
-        optimizer = build_optimizer(model, TrainConfig(lazy_item_updates=lazy), settings, sampled=True)
+        optimizer = build_optimizer(model, TrainConfig(loss="sampled", lazy_item_updates=lazy))
         assert isinstance(optimizer, LazyItemAdam) == lazy
         model.item_table().grad = row_gradient([3, 3], torch.ones(2, D))
         ready_gradients(model, optimizer)
@@ -64,7 +63,7 @@ def test_ready_gradients_keeps_the_table_sparse_for_the_lazy_optimizer_only() ->
         assert grad.is_sparse == lazy
         assert torch.equal(grad.to_dense()[3], torch.full((D,), 2.0))
     with pytest.raises(ConfigError, match="needs the sampled loss"):
-        build_optimizer(tiny_model(), TrainConfig(lazy_item_updates=True), settings, sampled=False)
+        build_optimizer(tiny_model(), TrainConfig(lazy_item_updates=True))  # auto: exact for 9 items
 
 
 def test_a_learning_rate_set_on_the_groups_reaches_both_optimizers() -> None:
