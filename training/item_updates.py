@@ -9,9 +9,10 @@ updates"). :class:`LazyItemAdam` updates only the rows the batch used, with
 :class:`RowAdam` (the lazy Adam of torch's ``SparseAdam``, TensorFlow Addons and most
 large-embedding recommenders), their L2 gradient added for those rows only; every
 other parameter keeps the fused dense Adam. Rows a batch does not touch keep their
-moments and get no L2 decay that step: a different optimisation from the paper's, so
-it is an option (``TrainConfig.lazy_item_updates``) whose accuracy docs/scaling.md
-reports.
+moments and get no L2 decay that step: a different optimisation from the paper's, the
+sampled loss's default on one process (``TrainConfig.lazy_item_updates``) because it
+matched the dense update on Beauty and beat it on S2 (docs/scaling.md); the exact loss
+keeps the paper's dense update.
 """
 
 from __future__ import annotations

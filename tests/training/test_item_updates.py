@@ -149,3 +149,34 @@ def test_a_lazy_run_learns_and_resumes_to_the_same_weights(synthetic_data, tmp_p
     weights = [torch.load(tmp_path / d / "best.pt", weights_only=False) for d in ("once", "split")]
     assert all(torch.equal(a, b) for a, b in zip(*(w["state_dict"].values() for w in weights), strict=True))
     assert once["test"]["NDCG@10"] > once["baselines"]["Popularity"]["test"]["NDCG@10"]
+
+
+def test_unset_lazy_updates_resolve_to_lazy_for_the_sampled_loss_on_one_process_only() -> None:
+    sampled = TrainConfig(loss="sampled")
+    assert sampled.lazy_item_updates is None and sampled.lazy_updates(N)
+    assert not sampled.lazy_updates(N, distributed=True)  # the lazy optimizer is one process's
+    assert not TrainConfig().lazy_updates(N)  # --loss auto: exact for 9 items
+    assert TrainConfig().lazy_updates(200_000)  # ... and sampled above 10^5
+    assert not TrainConfig(loss="sampled", ted_samples=0).lazy_updates(N)  # TED would read every row
+    assert TrainConfig(loss="sampled", ted_samples=0, lambda_kd=0.0).lazy_updates(N)  # no TED
+    assert not TrainConfig(loss="sampled", lazy_item_updates=False).lazy_updates(N)
+    assert TrainConfig(loss="sampled").loss_settings(N).total_samples == 1024  # TED's share estimated
+    assert TrainConfig(loss="sampled", lazy_item_updates=False).loss_settings(N).total_samples == 0
+
+
+def test_a_sampled_run_is_lazy_unless_told_otherwise_and_resumes_only_as_it_ran(
+    synthetic_data, tmp_path, capsys
+) -> None:
+    """No flag: lazy (its records say so); ``--no-lazy-item-updates``: dense; a dense run's
+    state resumed without the flag is refused, naming the setting."""
+    default = lazy_argv(synthetic_data, tmp_path / "default")[:-1]  # without --lazy-item-updates
+    dense = [*lazy_argv(synthetic_data, tmp_path / "dense")[:-1], "--no-lazy-item-updates"]
+    assert cli.main([*default, "--epochs", "1", "--eval-every", "2"]) == 0
+    assert cli.main([*dense, "--epochs", "1", "--eval-every", "2"]) == 0
+    records = {d: json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("default", "dense")}
+    assert records["default"]["train_config"]["lazy_item_updates"] is True
+    assert records["dense"]["train_config"]["lazy_item_updates"] is False
+    capsys.readouterr()
+    resumed = lazy_argv(synthetic_data, tmp_path / "dense")[:-1]
+    assert cli.main([*resumed, "--epochs", "2", "--resume"]) != 0
+    assert "train_config.lazy_item_updates: False -> True" in capsys.readouterr().err

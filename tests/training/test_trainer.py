@@ -181,7 +181,10 @@ def run_cli_train(data: Path, out: Path, flags: list[str], processes: int) -> di
 
 
 @pytest.mark.parametrize(
-    "loss", [["--loss", "exact"], ["--loss", "sampled", "--negatives", "16"]], ids=["exact", "sampled"]
+    "loss",
+    # the dense update in both: one process would otherwise update its item rows lazily
+    [["--loss", "exact"], ["--loss", "sampled", "--negatives", "16", "--no-lazy-item-updates"]],
+    ids=["exact", "sampled"],
 )
 def test_two_processes_take_the_full_batch_step(loss: list[str], tmp_path) -> None:
     """DDP averages the gradient of every parameter: where the mean of the two shards' gradients
