@@ -14,7 +14,8 @@ step, for ``--loss exact`` (skipped above ``--exact-max`` items: it grows as N) 
 With ``--data``: the sampled step on that file's own batches (the trainer's examples, in
 a seeded random order) and its own TED teacher, for each ``--ted-samples`` value (0: every
 teacher entry), split into forward, backward and Adam (CPU seconds per step);
-``--lazy-item-updates`` times the step with lazy Adam over the item rows.
+``--lazy-item-updates`` / ``--no-lazy-item-updates`` time it with lazy or dense Adam over the
+item rows (unset: as the trainer would, lazy unless ``--ted-samples 0``).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def time_steps(n: int, loss: str, args: argparse.Namespace) -> float:
     sampled = loss == "sampled"  # as the trainer sets it up: L2's gradient in Adam, sparse lookups
     samples = TrainConfig().ted_samples if sampled else 0
     settings = LossSettings(0.1, 0.1, 1e-4, 256, torch.float32, l2_in_optimizer=sampled, ted_samples=samples)
-    optimizer = build_optimizer(model, TrainConfig(loss=loss))  # l2 1e-4, in Adam when sampled
+    # l2 1e-4, in Adam when sampled; the dense update, as the loss settings above (TED's exact sum)
+    optimizer = build_optimizer(model, TrainConfig(loss=loss, lazy_item_updates=False))
     ted = teacher(rng, n, args.transitions)
     counts = np.minimum(rng.zipf(1.2, n), 10**6)
     sampler = NegativeSampler.from_counts(counts, 1024)
@@ -87,9 +89,9 @@ def time_steps(n: int, loss: str, args: argparse.Namespace) -> float:
     return float(np.mean(seconds[1:]))
 
 
-def time_data_steps(path: str, samples: int, steps: int, lazy: bool = False) -> dict[str, float]:
+def time_data_steps(path: str, samples: int, steps: int, lazy: bool | None = None) -> dict[str, float]:
     """CPU seconds per sampled step on ``path``'s batches, by part (as the trainer runs it);
-    ``lazy``: with ``--lazy-item-updates``."""
+    ``lazy``: ``--lazy-item-updates`` (None: the trainer's default, lazy where TED can be estimated)."""
     from mqsa.models.mqsa import MQSAConfig
     from mqsa.training.sequences import read_sequences
     from mqsa.training.trainer import TrainingData
@@ -148,8 +150,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--lazy-item-updates",
-        action="store_true",
-        help="with --data: lazy Adam over the item rows (TrainConfig.lazy_item_updates)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --data: lazy Adam over the item rows (TrainConfig.lazy_item_updates; unset: the trainer's default)",
     )
     args = parser.parse_args()
     if args.keep_freed_memory:

@@ -139,9 +139,9 @@ class TrainConfig:
             with the catalogue. Rows a batch does not use keep their Adam moments and get
             no L2 decay that step (lazy Adam): another optimisation than the paper's, whose
             accuracy docs/scaling.md reports ("Lazy item updates"). Unset (none): on
-            wherever the loss resolves to sampled on one process (where it matched the dense
-            update on Beauty and beat it by 17-19% on S2), off otherwise; false keeps the
-            dense update.
+            wherever the loss resolves to sampled on one process, unless ted_samples is 0 with
+            TED on (it matched the dense update on Beauty and beat it by 18-20% on S2), off
+            otherwise; false keeps the dense update.
         lr_schedule: constant (lr every epoch, the paper's) or cosine: epoch e trains at
             lr_min + (lr - lr_min) * (1 + cos(pi * (e - 1) / lr_decay_epochs)) / 2, lr_min =
             lr / 100, and at lr_min after lr_decay_epochs epochs (for runs that should settle

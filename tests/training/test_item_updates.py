@@ -176,6 +176,8 @@ def test_a_sampled_run_is_lazy_unless_told_otherwise_and_resumes_only_as_it_ran(
     records = {d: json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("default", "dense")}
     assert records["default"]["train_config"]["lazy_item_updates"] is True
     assert records["dense"]["train_config"]["lazy_item_updates"] is False
+    optimizers = {d: torch.load(tmp_path / d / "last.pt", weights_only=False)["optimizer"] for d in records}
+    assert "items" in optimizers["default"] and "items" not in optimizers["dense"]  # LazyItemAdam's rows
     capsys.readouterr()
     resumed = lazy_argv(synthetic_data, tmp_path / "dense")[:-1]
     assert cli.main([*resumed, "--epochs", "2", "--resume"]) != 0

@@ -391,3 +391,22 @@ def test_a_bad_space_file_stops_the_command_in_one_line(synthetic_data, base_fil
 def test_bad_tune_settings_are_config_errors_naming_them(field: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=field):
         TuneConfig(**{field: value})
+
+
+def test_a_finished_final_run_is_recognised_by_its_resolved_lazy_setting() -> None:
+    """The trainer records ``lazy_item_updates`` resolved (true for the sampled loss by
+    default), so the tune's unset setting must match it, and only it, when rerun."""
+    from dataclasses import asdict
+
+    from mqsa.models.mqsa import MQSAConfig
+    from mqsa.training.trainer import TrainConfig
+
+    model_config = {"max_len": 10, "hidden_size": 16}
+    recorded_model = MQSAConfig(num_items=50, **model_config).to_dict()
+    for loss, lazy in (("sampled", True), ("exact", False)):
+        config = TrainConfig(epochs=1, loss=loss)
+        recorded = asdict(replace(config, lazy_item_updates=lazy))
+        metrics = {"model_config": recorded_model, "train_config": recorded}
+        assert tune_module.same_run(metrics, model_config, config)
+        metrics["train_config"]["lazy_item_updates"] = not lazy
+        assert not tune_module.same_run(metrics, model_config, config)
