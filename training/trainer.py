@@ -140,7 +140,8 @@ class TrainConfig:
             no L2 decay that step (lazy Adam): another optimisation than the paper's, whose
             accuracy docs/scaling.md reports ("Lazy item updates"). Unset (none): on
             wherever the loss resolves to sampled on one process, unless ted_samples is 0 with
-            TED on (it matched the dense update on Beauty and beat it by 18-20% on S2), off
+            TED on (it matched the dense update on Beauty, was within 1% on Sports and beat
+            it by 18-20% on S2), off
             otherwise; false keeps the dense update.
         lr_schedule: constant (lr every epoch, the paper's) or cosine: epoch e trains at
             lr_min + (lr - lr_min) * (1 + cos(pi * (e - 1) / lr_decay_epochs)) / 2, lr_min =
