@@ -12,8 +12,7 @@ other parameter keeps the fused dense Adam. Rows a batch does not touch keep the
 moments and get no L2 decay that step: a different optimisation from the paper's, the
 sampled loss's default on one process (``TrainConfig.lazy_item_updates``) because it
 matched the dense update on Beauty, came within 1% on Sports and beat it on S2
-(docs/scaling.md); the exact loss
-keeps the paper's dense update.
+(docs/scaling.md); the exact loss keeps the paper's dense update.
 """
 
 from __future__ import annotations

@@ -141,8 +141,7 @@ class TrainConfig:
             accuracy docs/scaling.md reports ("Lazy item updates"). Unset (none): on
             wherever the loss resolves to sampled on one process, unless ted_samples is 0 with
             TED on (it matched the dense update on Beauty, was within 1% on Sports and beat
-            it by 18-20% on S2), off
-            otherwise; false keeps the dense update.
+            it by 18-20% on S2), off otherwise; false keeps the dense update.
         lr_schedule: constant (lr every epoch, the paper's) or cosine: epoch e trains at
             lr_min + (lr - lr_min) * (1 + cos(pi * (e - 1) / lr_decay_epochs)) / 2, lr_min =
             lr / 100, and at lr_min after lr_decay_epochs epochs (for runs that should settle
@@ -238,6 +237,10 @@ class TrainConfig:
             return self.lazy_item_updates
         estimable = self.lambda_kd == 0 or self.ted_samples > 0  # 0 reads the whole table
         return self.objective(num_items) == "sampled" and not distributed and estimable
+
+    def resolved(self, num_items: int, distributed: bool = False) -> TrainConfig:
+        """This config with ``lazy_item_updates`` resolved, as a run records it."""
+        return replace(self, lazy_item_updates=self.lazy_updates(num_items, distributed))
 
     def loss_settings(self, num_items: int = 0) -> LossSettings:
         """The objective's settings, as the loss takes them, for a catalogue of ``num_items``."""
@@ -496,8 +499,7 @@ class Trainer:
         sequences = read_sequences(data_path)
         vocab = vocabulary_for(data_path, sequences.num_items)
         self.model_config = MQSAConfig(num_items=len(vocab), **model_config)
-        lazy = config.lazy_updates(self.model_config.num_items, self.world.distributed)
-        self.config = config = replace(config, lazy_item_updates=lazy)  # resolved: records say which
+        self.config = config = config.resolved(self.model_config.num_items, self.world.distributed)
         self.data = TrainingData.build(data_path, sequences, vocab, self.model_config, config.time_span)
         self.data.examples = self.data.examples.to(self.device)  # (on a GPU: copied once, not per batch)
         teacher = TEDTeacher.from_graph(self.data.graph, config.tau) if config.lambda_kd > 0 else None
@@ -559,7 +561,9 @@ class Trainer:
             # --ted-samples with every teacher entry; one from before --lazy-item-updates densely
             "train_config": {
                 **asdict(TrainConfig()),
-                **{"loss": "exact", "ted_samples": 0, "lazy_item_updates": False},
+                "loss": "exact",
+                "ted_samples": 0,
+                "lazy_item_updates": False,
             },
             "model_config": MQSAConfig(num_items=1).to_dict(),
         }

@@ -41,7 +41,7 @@ import socket
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal
@@ -680,8 +680,8 @@ def final_run(job: TuneJob, settings: dict[str, Any], seed: int, threads: int) -
 def same_run(metrics: dict[str, Any], model_config: dict[str, Any], config: TrainConfig) -> bool:
     """Whether a finished run's ``metrics.json`` is of these settings (its thread count aside)."""
     model = metrics.get("model_config", {})
-    lazy = config.lazy_updates(model.get("num_items", 1))  # the trainer records it resolved
-    train = {k: v for k, v in asdict(replace(config, lazy_item_updates=lazy)).items() if k != "threads"}
+    resolved = config.resolved(model.get("num_items", 1))  # as the trainer records it
+    train = {k: v for k, v in asdict(resolved).items() if k != "threads"}
     recorded = {k: v for k, v in metrics.get("train_config", {}).items() if k != "threads"}
     wanted = MQSAConfig(num_items=model.get("num_items", 1), **model_config).to_dict()
     return recorded == train and model == wanted
