@@ -182,3 +182,23 @@ def test_a_sampled_run_is_lazy_unless_told_otherwise_and_resumes_only_as_it_ran(
     resumed = lazy_argv(synthetic_data, tmp_path / "dense")[:-1]
     assert cli.main([*resumed, "--epochs", "2", "--resume"]) != 0
     assert "train_config.lazy_item_updates: False -> True" in capsys.readouterr().err
+
+
+def test_a_sampled_state_from_before_lazy_updates_existed_resumes_as_the_dense_run_it_was(
+    synthetic_data, tmp_path, capsys
+) -> None:
+    """A sampled run stopped by a version without ``lazy_item_updates`` trained densely: its
+    state (no such key) resumes with ``--no-lazy-item-updates`` and is refused, by name,
+    under the new lazy default."""
+    dense = [*lazy_argv(synthetic_data, tmp_path)[:-1], "--no-lazy-item-updates"]
+    assert cli.main([*dense, "--epochs", "1"]) == 0
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    del state["fingerprint"]["train_config"]["lazy_item_updates"]
+    torch.save(state, tmp_path / "last.pt")
+    capsys.readouterr()
+    assert cli.main([*lazy_argv(synthetic_data, tmp_path)[:-1], "--epochs", "2", "--resume"]) != 0
+    assert "train_config.lazy_item_updates: False -> True" in capsys.readouterr().err
+    assert cli.main([*dense, "--epochs", "2", "--resume"]) == 0
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["epochs_run"] == 2 and record["resumed_at"] == [1]
+    assert record["train_config"]["lazy_item_updates"] is False
