@@ -13,8 +13,9 @@ is its best validation NDCG@20. Trials never rank the test split
 
 The study lives in an RDB storage (SQLite ``OUT/study.db`` unless ``--storage``) and
 is loaded when it exists, so the same command resumes an interrupted tune:
-``trials`` is the number of finished (complete or pruned) trials the study should
-hold, earlier runs' included. A trial that a stopped tune left behind is queued
+``trials`` is the number of trials that ran to their end the study should hold
+(:func:`ran_to_an_end`: complete, pruned, or failed because their settings do not go
+together), earlier runs' included. A trial that a stopped tune left behind is queued
 again with the same settings (at most MAX_RETRIES times): one still RUNNING whose
 process on this machine is gone, or one failed by a Ctrl-C; a trial of another
 machine sharing the storage once its heartbeat is older than STALE_SECONDS.
@@ -60,6 +61,7 @@ from mqsa.training.settings_file import split_settings, write_settings_file
 from mqsa.training.trainer import StopTraining, TrainConfig, Trainer
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+REFUSED = "refused"  # user attr of a trial failed by settings that do not go together: it ran to its end
 MAX_RETRIES = 2  # a trial whose process keeps dying is not queued again forever
 HEARTBEAT_SECONDS = 30  # a running trial writes its heartbeat this often ...
 STALE_SECONDS = 300  # ... and another machine's trial silent this long is taken as dead
@@ -76,8 +78,9 @@ class TuneConfig:
     the search space.
 
     Attributes:
-        trials: finished (complete or pruned) trials the study should hold; those of
-            an earlier run of the same study count, so the same command resumes it.
+        trials: trials run to their end (complete, pruned, or failed by settings that do
+            not go together) the study should hold; those of an earlier run of the same
+            study count, so the same command resumes it.
         epochs: the most epochs a trial trains.
         patience: a trial stops after this many epochs without a better validation
             NDCG@20 (0 = never early).
@@ -410,7 +413,7 @@ def left_running(trial: FrozenTrial) -> bool:
 def run_jobs(job: TuneJob, study: optuna.Study, started: float) -> None:
     """Run the trials still missing: in this process (one job), or in ``jobs`` processes."""
     config = job.config
-    missing = config.wanted_trials(job.space) - len(study.get_trials(deepcopy=False, states=FINISHED))
+    missing = config.wanted_trials(job.space) - ran_to_an_end(study)
     if missing <= 0:
         return
     jobs = min(config.jobs, missing)
@@ -449,9 +452,31 @@ def run_worker(job: TuneJob) -> None:
         n_trials=job.trials,
         timeout=timeout,
         catch=(ConfigError,),  # settings that do not go together (heads vs hidden size): FAIL, go on
-        callbacks=[optuna.study.MaxTrialsCallback(job.config.wanted_trials(job.space), states=FINISHED)],
+        callbacks=[StopWhenDone(job.config.wanted_trials(job.space))],
         gc_after_trial=False,
     )
+
+
+def ran_to_an_end(study: optuna.Study) -> int:
+    """The study's trials that count towards ``--trials``: complete, pruned, or refused.
+
+    A trial refused for settings that do not go together (a FAIL with ``user_attrs["refused"]``)
+    counts: running it again would fail again, and a grid counts its combination as run.
+    One failed by a Ctrl-C or a dead process does not (it is queued again).
+    """
+    trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL))
+    return sum(t.state != TrialState.FAIL or REFUSED in t.user_attrs for t in trials)
+
+
+@dataclass
+class StopWhenDone:
+    """Optuna callback: stop the study once it holds ``wanted`` trials that ran to an end (all processes')."""
+
+    wanted: int
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if ran_to_an_end(study) >= self.wanted:
+            study.stop()
 
 
 @dataclass
@@ -494,6 +519,7 @@ class TrialRun:
             trial.set_user_attr("interrupted", True)  # the next run of the command queues it again
             raise
         except ConfigError as exc:  # settings that do not go together: this trial fails, the tune goes on
+            trial.set_user_attr(REFUSED, str(exc))
             if self.job.progress:
                 print(f"trial {trial.number:>4}  failed: {exc}", flush=True)
             raise
@@ -501,6 +527,10 @@ class TrialRun:
     def _run(self, trial: optuna.Trial) -> float:
         job = self.job
         drawn = job.space.suggest(trial)
+        # What the trial ran with, base and fixed values included: best.toml is written from
+        # this, not from a later run's base or space file (JSON: a tuple is kept as a list).
+        trial.set_user_attr("settings", as_record(drawn))
+        trial.set_user_attr("base", as_record(job.base))
         model_config, train = split_settings({**job.base, **drawn})
         budget = {"epochs": job.config.epochs, "patience": job.config.patience, "seed": job.config.seed}
         config = TrainConfig(**(train | budget | {"threads": job.threads}))
@@ -597,8 +627,25 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def as_record(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as a trial's JSON user attribute holds them: a tuple (``windows``) as a list."""
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in settings.items()}
+
+
+def from_record(settings: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`as_record`: no setting takes a list, so every list was a tuple."""
+    return {name: tuple(value) if isinstance(value, list) else value for name, value in settings.items()}
+
+
 def best_settings(job: TuneJob, best: FrozenTrial) -> dict[str, Any]:
-    """The base settings with the best trial's on top (the space's fixed values included)."""
+    """The best trial's settings: its base with its drawn and fixed values on top.
+
+    As the trial recorded them (``user_attrs``), so a later run's other base or space
+    file does not change them; a trial recorded before that takes this run's.
+    """
+    if "settings" in best.user_attrs:
+        recorded = {**best.user_attrs.get("base", {}), **best.user_attrs["settings"]}
+        return {name: as_setting(name, value) for name, value in from_record(recorded).items()}
     drawn = {p.name: p.value for p in job.space.params if not p.searched} | best.params
     return {**job.base, **{name: as_setting(name, value) for name, value in drawn.items()}}
 
@@ -608,7 +655,7 @@ def write_best(job: TuneJob, study: optuna.Study, best: FrozenTrial) -> dict[str
     settings = best_settings(job, best)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     comments = [
-        f"mqsa tune: the best of {finished} finished trials of study {job.config.study_name!r}",
+        f"mqsa tune: the best of {finished} complete or pruned trials of study {job.config.study_name!r}",
         f"({shown_url(job.storage_url)}). Trial {best.number}: validation {SELECT_METRIC} {best.value:.4f}",
         f"at epoch {best.user_attrs.get('best_epoch')} of at most {job.config.epochs}, "
         f"seed {job.config.seed}.",

@@ -410,3 +410,35 @@ def test_a_finished_final_run_is_recognised_by_its_resolved_lazy_setting() -> No
         assert tune_module.same_run(metrics, model_config, config)
         metrics["train_config"]["lazy_item_updates"] = not lazy
         assert not tune_module.same_run(metrics, model_config, config)
+
+
+def test_a_grid_combination_refused_for_its_settings_counts_as_run_and_a_rerun_adds_none(
+    synthetic_data, base_file, tmp_path
+) -> None:
+    """Optuna's grid counts a failed combination as visited: so must ``--trials``, or every
+    rerun would draw a combination at random and run it again."""
+    space = write_space(tmp_path, "[num_heads]\nchoices = [1, 3]\n")  # 16 / 3 is not whole
+    out = tmp_path / "tune"
+    grid = ["--sampler", "grid", "--space", str(space), "--pruner", "none", "--trials", "10"]
+    assert main(tune_args(synthetic_data, out, base_file, *grid)) == 0
+    states = sorted((t.params["num_heads"], t.state.name) for t in load(out).trials)
+    assert states == [(1, "COMPLETE"), (3, "FAIL")]
+    assert main(tune_args(synthetic_data, out, base_file, *grid)) == 0
+    assert len(load(out).trials) == 2  # nothing run again
+    assert "refused" in next(t for t in load(out).trials if t.state == TrialState.FAIL).user_attrs
+
+
+def test_best_file_holds_the_settings_the_best_trial_ran_with_not_a_later_space_files(
+    synthetic_data, base_file, tmp_path
+) -> None:
+    out = tmp_path / "tune"
+    first = write_space(tmp_path, "[dropout]\nvalue = 0.3\n[lr]\nlow = 1e-3\nhigh = 2e-3\n")
+    assert main(tune_args(synthetic_data, out, base_file, "--trials", "1", "--space", str(first))) == 0
+    later = tmp_path / "later"
+    later.mkdir()
+    changed = write_space(later, "[dropout]\nvalue = 0.6\n")
+    assert main(tune_args(synthetic_data, out, base_file, "--trials", "1", "--space", str(changed))) == 0
+    assert len(load(out).trials) == 1  # the study was done: only best.toml was written again
+    best = read_settings_file(out / "best.toml")
+    assert best["dropout"] == 0.3 and best["lr"] == load(out).trials[0].params["lr"]
+    assert best["hidden_size"] == TINY["hidden_size"]  # the base it ran with
