@@ -68,6 +68,8 @@ def parse_grid(specs: list[str]) -> dict[str, list[float | int | str]]:
         if name not in MODEL_FIELDS | TRAIN_FIELDS:
             known = sorted((MODEL_FIELDS | TRAIN_FIELDS | {"window"}) - {"windows"})
             raise SystemExit(f"--grid {spec!r}: unknown setting {name!r}; known: {', '.join(known)}")
+        if name in axes:
+            raise SystemExit(f"--grid {spec!r}: {name} is given twice; put its values in one name=v1,v2")
         points: list[float | int | str] = []
         for raw in values.split(","):
             if name in TEXT_FIELDS:
@@ -77,10 +79,14 @@ def parse_grid(specs: list[str]) -> dict[str, list[float | int | str]]:
                 value = float(raw)
             except ValueError as exc:
                 raise SystemExit(f"--grid {spec!r}: {raw!r} is not a number") from exc
+            if not math.isfinite(value):
+                raise SystemExit(f"--grid {spec!r}: {raw!r} is not a finite number")
             if name in ("windows", "time_span", "batch_size", "hidden_size", "num_blocks", "num_heads"):
                 if value != int(value):
                     raise SystemExit(f"--grid {spec!r}: {name} takes integers, got {raw!r}")
                 value = int(value)
+            if value in points:
+                raise SystemExit(f"--grid {spec!r}: {raw!r} is given twice (the same run twice)")
             points.append(value)
         axes[name] = points
     return axes
