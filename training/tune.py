@@ -493,12 +493,20 @@ class PrunerFeed:
     earlier: dict[int, float] = field(default_factory=dict)
 
     def __call__(self, epoch: int, valid: dict[str, float]) -> None:
-        for step in sorted(step for step in self.earlier if step < epoch):
-            self.trial.report(self.earlier[step], step=step)
-        self.earlier.clear()  # reported once, before the first epoch this run trains
+        self.report_earlier(before=epoch)
         self.trial.report(valid[SELECT_METRIC], step=epoch)
         if self.trial.should_prune():
             raise StopTraining(f"pruned after epoch {epoch}")
+
+    def report_earlier(self, before: int | None = None) -> None:
+        """Report the predecessor's scores (those before epoch ``before``; all if None), once.
+
+        Called before the first epoch the repeat trains, and after its run: a predecessor
+        stopped after its last epoch leaves the repeat no epoch to train.
+        """
+        for step in sorted(step for step in self.earlier if before is None or step < before):
+            self.trial.report(self.earlier[step], step=step)
+        self.earlier.clear()
 
 
 @dataclass
@@ -565,9 +573,12 @@ class TrialRun:
 
         earlier = take_over(job, trial, out)
         if earlier is not None:
-            resumed = trainer(PrunerFeed(trial, earlier))
+            feed = PrunerFeed(trial, earlier)
+            resumed = trainer(feed)
             try:
-                return resumed, resumed.fit(resume=True)
+                metrics = resumed.fit(resume=True)
+                feed.report_earlier()  # none left unless no epoch was trained
+                return resumed, metrics
             except ResumeError:  # its last.pt does not fit (the base settings changed): start again
                 pass
         fresh = trainer(PrunerFeed(trial))

@@ -172,6 +172,33 @@ def test_a_trial_stopped_by_ctrl_c_goes_on_from_its_last_epoch(synthetic_data, t
     assert not list((tmp_path / "stopped" / "trials").rglob("*.pt"))  # moved on, then removed at the end
 
 
+def test_a_trial_stopped_after_its_last_epoch_keeps_every_epochs_score(
+    synthetic_data, tmp_path, monkeypatch
+) -> None:
+    """Stopped after its last epoch was saved, the repeat has no epoch left to train: the
+    predecessor's scores must still reach the study (the report, the median pruner)."""
+    config = TuneConfig(trials=1, epochs=2, threads=1, pruner="none")
+    tune(synthetic_data, tmp_path / "whole", config, TINY, progress=False)
+    report = tune_module.PrunerFeed.__call__
+
+    def ctrl_c_after_the_last_epoch(
+        feed: tune_module.PrunerFeed, epoch: int, valid: dict[str, float]
+    ) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+        report(feed, epoch, valid)
+
+    monkeypatch.setattr(tune_module.PrunerFeed, "__call__", ctrl_c_after_the_last_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        tune(synthetic_data, tmp_path / "stopped", config, TINY, progress=False)
+    monkeypatch.undo()
+    tune(synthetic_data, tmp_path / "stopped", config, TINY, progress=False)
+    (whole,) = load(tmp_path / "whole").trials
+    _, again = load(tmp_path / "stopped").trials
+    assert again.state == TrialState.COMPLETE and again.value == whole.value
+    assert again.intermediate_values == whole.intermediate_values and len(whole.intermediate_values) == 2
+
+
 def test_settings_that_do_not_go_together_fail_their_trial_only(synthetic_data, base_file, tmp_path) -> None:
     space = write_space(tmp_path, "[num_heads]\nchoices = [3]\n")  # a valid value, but 16 / 3 is not whole
     out = tmp_path / "tune"
