@@ -135,6 +135,8 @@ class TuneConfig:
         for name in ("patience", "timeout", "threads", "startup_trials", "warmup_epochs", "seeds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if 0 < self.threads < self.jobs:  # each process runs at least one thread: more than asked for
+            raise ConfigError(f"threads ({self.threads}) must be 0 or at least jobs ({self.jobs})")
         if self.final_epochs is not None and self.final_epochs < 1:
             raise ConfigError(f"final_epochs must be >= 1, got {self.final_epochs}")
         if self.final_patience is not None and self.final_patience < 0:

@@ -420,6 +420,13 @@ def test_bad_tune_settings_are_config_errors_naming_them(field: str, value: Any)
         TuneConfig(**{field: value})
 
 
+def test_fewer_threads_than_jobs_is_a_config_error_not_more_threads_than_asked() -> None:
+    with pytest.raises(ConfigError, match=r"threads \(1\) must be 0 or at least jobs \(2\)"):
+        TuneConfig(threads=1, jobs=2)
+    assert TuneConfig(threads=0, jobs=2).threads_per_job(2) >= 1
+    assert TuneConfig(threads=4, jobs=2).threads_per_job(2) == 2
+
+
 def test_a_finished_final_run_is_recognised_by_its_resolved_lazy_setting() -> None:
     """The trainer records ``lazy_item_updates`` resolved (true for the sampled loss by
     default), so the tune's unset setting must match it, and only it, when rerun."""
