@@ -73,6 +73,8 @@ def parse_grid(specs: list[str]) -> dict[str, list[float | int | str]]:
         points: list[float | int | str] = []
         for raw in values.split(","):
             if name in TEXT_FIELDS:
+                if raw in points:
+                    raise SystemExit(f"--grid {spec!r}: {raw!r} is given twice (the same run twice)")
                 points.append(raw)
                 continue
             try:

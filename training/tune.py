@@ -78,9 +78,9 @@ class TuneConfig:
     the search space.
 
     Attributes:
-        trials: trials run to their end (complete, pruned, or failed by settings that do
-            not go together) the study should hold; those of an earlier run of the same
-            study count, so the same command resumes it.
+        trials: finished (complete or pruned) trials the study should hold, and in a grid
+            the combinations failed by settings that do not go together; those of an
+            earlier run of the same study count, so the same command resumes it.
         epochs: the most epochs a trial trains.
         patience: a trial stops after this many epochs without a better validation
             NDCG@20 (0 = never early).
@@ -96,10 +96,10 @@ class TuneConfig:
         sampler: tpe (draws settings where the finished trials say good ones are) or grid
             (every combination of the space file's choices once, in at most --trials trials;
             the default ranges do not apply).
-        pruner: median (a trial below the median of earlier trials at the same epoch
-            stops), hyperband, or none.
-        startup_trials: trials drawn at random before TPE takes over (and before the
-            median pruner prunes).
+        pruner: median (a trial whose best score so far is below the median of the
+            complete trials' at the same epoch stops), hyperband, or none.
+        startup_trials: trials drawn at random before TPE takes over (and complete
+            trials before the median pruner prunes).
         warmup_epochs: epochs a trial trains before it may be pruned.
         seed: seeds the sampler and every trial's training (the same seed for all
             trials, so they differ by their settings only).
@@ -149,7 +149,7 @@ class TuneConfig:
             raise ConfigError("study_name must not be empty")
 
     def wanted_trials(self, space: SearchSpace) -> int:
-        """The finished trials the study should hold: ``trials``, or a smaller grid's size."""
+        """The trials the study should hold (:func:`ran_to_an_end`): ``trials``, or a smaller grid's size."""
         return min(self.trials, space.grid_size()) if self.sampler == "grid" else self.trials
 
     def threads_per_job(self, jobs: int) -> int:
@@ -460,14 +460,17 @@ def run_worker(job: TuneJob) -> None:
 
 
 def ran_to_an_end(study: optuna.Study) -> int:
-    """The study's trials that count towards ``--trials``: complete, pruned, or refused.
+    """The study's trials that count towards ``--trials``: complete, pruned, and in a grid refused.
 
-    A trial refused for settings that do not go together (a FAIL with ``user_attrs["refused"]``)
-    counts: running it again would fail again, and a grid counts its combination as run.
-    One failed by a Ctrl-C or a dead process does not (it is queued again).
+    Optuna's grid counts a failed combination as run, so a grid trial refused for
+    settings that do not go together (a FAIL with ``user_attrs["refused"]``) counts: it
+    would fail again. In a TPE study it does not: its space file, its base or the machine
+    may change before the next run (a base naming a missing GPU refuses every trial).
+    One failed by a Ctrl-C or a dead process never counts (it is queued again).
     """
     trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL))
-    return sum(t.state != TrialState.FAIL or REFUSED in t.user_attrs for t in trials)
+    grid = bool(study.user_attrs.get("grid"))
+    return sum(t.state != TrialState.FAIL or (grid and REFUSED in t.user_attrs) for t in trials)
 
 
 @dataclass

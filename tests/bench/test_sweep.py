@@ -27,6 +27,7 @@ def test_a_grid_parses_into_typed_axes_with_window_as_windows() -> None:
         (["lr=nan"], "'nan' is not a finite number"),
         (["lr=1e-3,0.001"], "'0.001' is given twice"),
         (["lr=1e-3", "lr=2e-3"], "lr is given twice"),
+        (["linear_init=torch,torch"], "'torch' is given twice"),
     ],
 )
 def test_a_bad_grid_stops_naming_what_is_wrong(specs: list[str], message: str) -> None:

@@ -206,6 +206,9 @@ def test_settings_that_do_not_go_together_fail_their_trial_only(synthetic_data, 
     assert [t.state for t in load(out).trials] == [TrialState.FAIL, TrialState.FAIL]
     assert "No trial has completed yet" in (out / "report.md").read_text()
     assert not (out / "best.toml").exists()
+    # Not a grid: the space file, the base or the machine may change, so a rerun tries again.
+    assert main(tune_args(synthetic_data, out, base_file, "--trials", "2", "--space", str(space))) == 0
+    assert len(load(out).trials) == 4
 
 
 def scrambled_copy(data: Path, out: Path) -> Path:
