@@ -104,6 +104,20 @@ class Param:
             )
         return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
 
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` (as drawn: ``windows`` an integer L) is one this entry can draw."""
+        if self.choices is not None:
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and value != int(value):
+            return False
+        if not self.low <= value <= self.high:
+            return False
+        return not self.step or math.isclose(
+            (value - self.low) / self.step, round((value - self.low) / self.step)
+        )
+
     def describe(self) -> str:
         """How the report shows it: ``0.0001 .. 0.005 (log)``, ``one of 32, 64``, ``fixed at 0.5``."""
         if not self.searched:
@@ -188,6 +202,18 @@ class SearchSpace:
 
     def searched(self) -> list[Param]:
         return [p for p in self.params if p.searched]
+
+    def starting_point(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """The searched entries' values in ``settings`` (every config field's), as a trial to
+        enqueue: those the space can draw (``windows`` only when it is one branch)."""
+        point = {}
+        for param in self.searched():
+            value = settings.get(param.name)
+            if param.name == "windows":
+                value = value[0] if isinstance(value, tuple) and len(value) == 1 else None
+            if param.contains(value):
+                point[param.name] = value
+        return point
 
     def grid(self) -> dict[str, list[Any]]:
         """Each searched setting's choices, as Optuna's GridSampler takes them (a grid's space)."""

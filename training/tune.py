@@ -103,6 +103,8 @@ class TuneConfig:
         warmup_epochs: epochs a trial trains before it may be pruned.
         seed: seeds the sampler and every trial's training (the same seed for all
             trials, so they differ by their settings only).
+        base_trial: a new TPE study's first trial trains the base settings (the searched ones
+            the space can draw; the paper's unless --config), so the search starts from them.
         seeds: then train the best settings with this many seeds (seed, seed+1, ...)
             and report their test metrics beside the baselines (0 = no final runs).
         final_epochs: the most epochs of a final run (none: the base settings', 200
@@ -124,6 +126,7 @@ class TuneConfig:
     startup_trials: int = 8
     warmup_epochs: int = 5
     seed: int = 42
+    base_trial: bool = True
     seeds: int = 0
     final_epochs: int | None = None
     final_patience: int | None = None
@@ -231,11 +234,27 @@ def tune(
     with writing(job.out_dir):
         job.out_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(job)
+    enqueue_base_trial(job, study)
     requeued = queue_again_what_was_left(study)
     if requeued and progress:
         print(f"queued again with the same settings: trials {', '.join(map(str, requeued))}", flush=True)
     run_jobs(job, study, started)
     return finish(job, open_study(job), started)
+
+
+def enqueue_base_trial(job: TuneJob, study: optuna.Study) -> None:
+    """Queue the base settings as a new TPE study's first trial (``TuneConfig.base_trial``).
+
+    The settings every config field has under the base (``split_settings``), reduced to
+    the searched entries the space can draw; a grid runs its own combinations instead.
+    """
+    if job.config.sampler != "tpe" or not job.config.base_trial or study.get_trials(deepcopy=False):
+        return
+    model, train = split_settings(job.base)
+    settings = asdict(MQSAConfig(num_items=1, **model)) | asdict(TrainConfig(**train))
+    point = job.space.starting_point(settings)
+    if point:
+        study.enqueue_trial(point, user_attrs={"base_trial": True})
 
 
 def check_base(data_path: str | Path, base: dict[str, Any]) -> None:

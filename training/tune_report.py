@@ -143,7 +143,7 @@ def trials_table(job: TuneJob, trials: list[FrozenTrial]) -> str:
 
 def note(trial: FrozenTrial) -> str:
     """What the trials table says of a trial beside its numbers."""
-    parts = []
+    parts = ["the base settings"] if trial.user_attrs.get("base_trial") else []
     if "failed_trial" in trial.system_attrs:
         parts.append(f"repeats #{trial.system_attrs['retry_history'][-1]}")
     if trial.state == TrialState.PRUNED and trial.user_attrs.get("stopped"):

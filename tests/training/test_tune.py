@@ -371,6 +371,46 @@ def test_a_space_file_narrows_widens_and_fixes_the_search(tmp_path) -> None:
         assert drawn["windows"] in {(2,), (3,), (4,)}
 
 
+def test_a_new_tpe_study_starts_with_the_base_settings_the_space_can_draw(
+    synthetic_data, base_file, tmp_path
+) -> None:
+    """The first trial trains the base settings (the paper's, and the base file's), so the
+    search never ends below them on validation; an lr outside the space is left to TPE."""
+    space = write_space(tmp_path, "[lr]\nlow = 2e-3\nhigh = 4e-3\n[hidden_size]\nchoices = [16, 32]\n")
+    out = tmp_path / "tune"
+    assert main(tune_args(synthetic_data, out, base_file, "--trials", "2", "--space", str(space))) == 0
+    first, second = load(out).trials
+    assert first.user_attrs["base_trial"] and "base_trial" not in second.user_attrs
+    paper = {"l2": 1e-4, "dropout": 0.5, "windows": 3, "alpha": 0.5, "lambda_kd": 0.1, "tau": 0.1}
+    assert {k: first.params[k] for k in paper} == paper and first.params["hidden_size"] == TINY["hidden_size"]
+    assert 2e-3 <= first.params["lr"] <= 4e-3  # the base's 1e-3 is outside: drawn
+    assert "the base settings" in (out / "report.md").read_text()
+    unqueued = tmp_path / "unqueued"
+    argv = tune_args(
+        synthetic_data, unqueued, base_file, "--trials", "1", "--space", str(space), "--no-base-trial"
+    )
+    assert main(argv) == 0
+    assert "base_trial" not in load(unqueued).trials[0].user_attrs
+
+
+def test_a_starting_point_holds_only_values_the_space_can_draw() -> None:
+    space = SearchSpace.from_table(
+        {"lr": {"low": 1e-3, "high": 2e-3}, "batch_size": {"low": 128, "high": 512, "step": 128}}, "t"
+    )
+    settings = {"lr": 1e-3, "l2": 2e-3, "windows": (2, 3), "batch_size": 256, "dropout": 0.5, "alpha": 0.5}
+    point = space.starting_point(settings | {"lambda_kd": 0.1, "tau": 0.1})
+    assert point == {
+        "lr": 1e-3,
+        "batch_size": 256,
+        "dropout": 0.5,
+        "alpha": 0.5,
+        "lambda_kd": 0.1,
+        "tau": 0.1,
+    }
+    assert "batch_size" not in space.starting_point(settings | {"batch_size": 200})  # off the step
+    assert space.starting_point({"windows": (4,)}) == {"windows": 4}
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
