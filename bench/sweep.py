@@ -72,26 +72,27 @@ def parse_grid(specs: list[str]) -> dict[str, list[float | int | str]]:
             raise SystemExit(f"--grid {spec!r}: {name} is given twice; put its values in one name=v1,v2")
         points: list[float | int | str] = []
         for raw in values.split(","):
-            if name in TEXT_FIELDS:
-                if raw in points:
-                    raise SystemExit(f"--grid {spec!r}: {raw!r} is given twice (the same run twice)")
-                points.append(raw)
-                continue
-            try:
-                value = float(raw)
-            except ValueError as exc:
-                raise SystemExit(f"--grid {spec!r}: {raw!r} is not a number") from exc
-            if not math.isfinite(value):
-                raise SystemExit(f"--grid {spec!r}: {raw!r} is not a finite number")
-            if name in ("windows", "time_span", "batch_size", "hidden_size", "num_blocks", "num_heads"):
-                if value != int(value):
-                    raise SystemExit(f"--grid {spec!r}: {name} takes integers, got {raw!r}")
-                value = int(value)
+            value = raw if name in TEXT_FIELDS else grid_number(spec, name, raw)
             if value in points:
                 raise SystemExit(f"--grid {spec!r}: {raw!r} is given twice (the same run twice)")
             points.append(value)
         axes[name] = points
     return axes
+
+
+def grid_number(spec: str, name: str, raw: str) -> float | int:
+    """One value of a numeric setting in ``--grid spec``: finite, an int where ``name`` takes one."""
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise SystemExit(f"--grid {spec!r}: {raw!r} is not a number") from exc
+    if not math.isfinite(value):
+        raise SystemExit(f"--grid {spec!r}: {raw!r} is not a finite number")
+    if name in ("windows", "time_span", "batch_size", "hidden_size", "num_blocks", "num_heads"):
+        if value != int(value):
+            raise SystemExit(f"--grid {spec!r}: {name} takes integers, got {raw!r}")
+        return int(value)
+    return value
 
 
 def tag(settings: dict) -> str:

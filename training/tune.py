@@ -14,8 +14,8 @@ is its best validation NDCG@20. Trials never rank the test split
 The study lives in an RDB storage (SQLite ``OUT/study.db`` unless ``--storage``) and
 is loaded when it exists, so the same command resumes an interrupted tune:
 ``trials`` is the number of trials that ran to their end the study should hold
-(:func:`ran_to_an_end`: complete, pruned, or failed because their settings do not go
-together), earlier runs' included. A trial that a stopped tune left behind is queued
+(:func:`ran_to_an_end`: complete or pruned, and in a grid failed because their
+settings do not go together), earlier runs' included. A trial that a stopped tune left behind is queued
 again with the same settings (at most MAX_RETRIES times): one still RUNNING whose
 process on this machine is gone, or one failed by a Ctrl-C; a trial of another
 machine sharing the storage once its heartbeat is older than STALE_SECONDS.

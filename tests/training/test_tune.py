@@ -146,20 +146,28 @@ def test_trials_a_stopped_tune_left_behind_are_run_again(synthetic_data, base_fi
     assert "repeats #1" in report and "repeats #3" in report
 
 
+def tune_stopped_by_ctrl_c(
+    data: Path, out: Path, config: TuneConfig, epoch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run a tune into ``out`` that Ctrl-C stops after ``epoch`` was saved (last.pt), before the
+    pruner was told of it."""
+    report = tune_module.PrunerFeed.__call__
+
+    def ctrl_c(feed: tune_module.PrunerFeed, at: int, valid: dict[str, float]) -> None:
+        if at == epoch:
+            raise KeyboardInterrupt
+        report(feed, at, valid)
+
+    monkeypatch.setattr(tune_module.PrunerFeed, "__call__", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        tune(data, out, config, TINY, progress=False)
+    monkeypatch.undo()
+
+
 def test_a_trial_stopped_by_ctrl_c_goes_on_from_its_last_epoch(synthetic_data, tmp_path, monkeypatch) -> None:
     config = TuneConfig(trials=1, epochs=3, threads=1, pruner="none")
     tune(synthetic_data, tmp_path / "whole", config, TINY, progress=False)
-    report = tune_module.PrunerFeed.__call__
-
-    def ctrl_c_after_epoch_2(feed: tune_module.PrunerFeed, epoch: int, valid: dict[str, float]) -> None:
-        if epoch == 2:  # saved (last.pt) but not yet reported to the pruner
-            raise KeyboardInterrupt
-        report(feed, epoch, valid)
-
-    monkeypatch.setattr(tune_module.PrunerFeed, "__call__", ctrl_c_after_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        tune(synthetic_data, tmp_path / "stopped", config, TINY, progress=False)
-    monkeypatch.undo()
+    tune_stopped_by_ctrl_c(synthetic_data, tmp_path / "stopped", config, 2, monkeypatch)
     assert (tmp_path / "stopped" / "trials" / "mqsa-0000" / "last.pt").is_file()
     tune(synthetic_data, tmp_path / "stopped", config, TINY, progress=False)  # the same command again
     (whole,) = load(tmp_path / "whole").trials
@@ -179,19 +187,7 @@ def test_a_trial_stopped_after_its_last_epoch_keeps_every_epochs_score(
     predecessor's scores must still reach the study (the report, the median pruner)."""
     config = TuneConfig(trials=1, epochs=2, threads=1, pruner="none")
     tune(synthetic_data, tmp_path / "whole", config, TINY, progress=False)
-    report = tune_module.PrunerFeed.__call__
-
-    def ctrl_c_after_the_last_epoch(
-        feed: tune_module.PrunerFeed, epoch: int, valid: dict[str, float]
-    ) -> None:
-        if epoch == 2:
-            raise KeyboardInterrupt
-        report(feed, epoch, valid)
-
-    monkeypatch.setattr(tune_module.PrunerFeed, "__call__", ctrl_c_after_the_last_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        tune(synthetic_data, tmp_path / "stopped", config, TINY, progress=False)
-    monkeypatch.undo()
+    tune_stopped_by_ctrl_c(synthetic_data, tmp_path / "stopped", config, 2, monkeypatch)
     tune(synthetic_data, tmp_path / "stopped", config, TINY, progress=False)
     (whole,) = load(tmp_path / "whole").trials
     _, again = load(tmp_path / "stopped").trials
